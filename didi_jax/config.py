@@ -1,0 +1,302 @@
+"""Shared configuration: the full tree of knobs with the paper's defaults, and `validate`.
+
+Every config file in `configs/` starts from `base_config()` and overrides fields; ml_collections
+refuses unknown keys on override (`--config.model.nope=1` fails), and `validate` rejects
+impossible values with a one-line message that names the fix.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+JOBS = ('pretrain', 'distill', 'sample', 'evaluate', 'sweep', 'pipeline')
+
+# name: (hidden, blocks, heads, mlp, cond)   -- SPEC §3.1
+MODEL_SIZES = {
+    'tiny': (64, 2, 4, 256, 32),
+    'demo': (256, 4, 4, 1024, 64),
+    'small': (768, 12, 12, 3072, 128),
+    'medium': (1024, 24, 16, 4096, 128),
+    'large': (1280, 36, 20, 5120, 128),
+}
+
+
+class ConfigError(ValueError):
+  """A configuration problem; the message is one line naming the fix."""
+
+
+def model_config(size: str = 'small', vocab_size: int = 50258, length: int = 1024):
+  d, n, h, m, c = MODEL_SIZES[size]
+  return ml_collections.ConfigDict(dict(
+      kind='dit',                 # 'dit' (masked diffusion) | 'ar' (causal GPT-2-style baseline)
+      size=size,                  # informational; the numbers below are what is built
+      hidden_size=d,
+      n_blocks=n,
+      n_heads=h,
+      mlp_dim=m,
+      cond_dim=c,
+      vocab_size=vocab_size,      # tokenizer vocab + 1 ([MASK] = vocab_size - 1)
+      length=length,              # sequence length L
+      dropout=0.1,                # used in pre-training only (SPEC D9)
+      compute_dtype='bfloat16',   # 'bfloat16' | 'float32' (float32 for parity tests)
+      attention_impl='xla',       # 'xla' | 'cudnn' (GPU) | 'auto'
+      remat=False,                # rematerialise each block in the backward pass
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All knobs with the paper's OWT defaults (SPEC §1-§10)."""
+  cfg = ml_collections.ConfigDict()
+  cfg.job = 'pretrain'            # one of JOBS
+  cfg.seed = 1                    # run seed (official default 1)
+  cfg.model = model_config('small')
+
+  cfg.data = ml_collections.ConfigDict(dict(
+      source='owt',               # 'owt' | 'shakespeare' | 'text' | 'npy'
+      tokenizer='gpt2',           # 'gpt2' | 'byte'
+      paths='',                   # 'text': glob of .txt/.jsonl; 'npy': dir with train.npy/valid.npy
+      jsonl_field='text',         # field of .jsonl records holding the text
+      cache_dir='',               # tokenisation cache ('' -> $DIDI_JAX_CACHE or ~/.cache/didi_jax)
+      pack_group=1000,            # documents per packing group (SPEC §2); 0 = one global stream
+      valid_docs=100000,          # OWT: last N documents are validation (train[-100000:])
+      valid_fraction=0.05,        # other sources: fraction of the token stream held out
+      shuffle_seed=42,            # seeded per-epoch permutation of training blocks
+      num_workers=0,              # grain worker processes (0 on small machines)
+  ))
+
+  cfg.mesh = ml_collections.ConfigDict(dict(
+      data=-1,                    # -1: all devices not used by the other axes
+      fsdp=1,
+      tensor=1,
+  ))
+
+  cfg.pretrain = ml_collections.ConfigDict(dict(
+      batch_size=512,             # global batch (sequences)
+      num_steps=1_000_000,
+      lr=3e-4,
+      warmup_steps=2500,          # linear warm-up, then constant (SPEC §4)
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+      clip_norm=1.0,
+      ema_decay=0.9999,           # decay_n = min(decay, (1+n)/(10+n))
+      eval_every=10000,
+      eval_batches=16,
+      log_every=100,
+      antithetic=True,
+  ))
+
+  cfg.checkpoint = ml_collections.ConfigDict(dict(
+      every=5000,                 # steps between checkpoints
+      keep=3,                     # keep the last N
+      async_save=True,
+  ))
+
+  cfg.teacher = ml_collections.ConfigDict(dict(
+      checkpoint='',              # our workdir/checkpoint dir, a .safetensors/.ckpt file, or hf:ORG/NAME
+      weights='ema',              # 'ema' | 'raw' (Lightning teacher checkpoints, and our own pretrain)
+  ))
+
+  cfg.distill = ml_collections.ConfigDict(dict(
+      num_iterations=10_000,
+      batch_size=8,               # data rows B
+      group_size=4,               # G student samples per data row
+      real_source='data',         # 'data' | 'teacher_samples' (D1)
+      teacher_buffer=ml_collections.ConfigDict(dict(
+          size=2048, steps=1024, refresh_every=500, refresh_count=256)),
+      init='teacher',             # 'teacher' | 'checkpoint' (D2)
+      init_checkpoint='',         # for init='checkpoint'
+      teacher_sigma='zero',       # 'zero' | 'true' (D3)
+      kl=ml_collections.ConfigDict(dict(
+          type='jeffrey', beta=0.5, coef_hi=0.01, coef_lo=0.01, scale=1.0)),
+      entropy_coef=5e-4,
+      tau=ml_collections.ConfigDict(dict(a=1.0, b=1.0, min=0.02, max=0.98)),
+      importance_weight=False,
+      omega=ml_collections.ConfigDict(dict(min=0.1, max=10.0, mode='inv_t')),
+      disc_warmup_steps=0,
+      optim=ml_collections.ConfigDict(dict(
+          student=ml_collections.ConfigDict(dict(
+              lr=1e-6, warmup_steps=1000, clip_norm=0.5, b1=0.9, b2=0.999, eps=1e-8,
+              weight_decay=0.0)),
+          disc=ml_collections.ConfigDict(dict(
+              lr=1e-5, warmup_steps=1000, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8,
+              weight_decay=0.0)),
+      )),
+      ema_decay=0.999,
+      dropout=0.0,
+      rollout='shared',           # 'shared' | 'two_pass' (D9)
+      score_decomposition=True,   # D12
+      coupled_time=True,
+      group_norm=True,            # grouped reward normalisation (False: raw rewards)
+      adv_clip=3.0,
+      reward_clip=8.0,
+      label_smoothing=0.1,
+      disc_unfreeze_blocks=4,
+      t0=1e-3,                    # end time of the two-step training rollout
+      log_every=10,
+      sample_every=500,           # small 8/16-NFE sample with judge-free statistics
+      sample_count=8,
+  ))
+
+  cfg.sampler = ml_collections.ConfigDict(dict(
+      kind='ancestral',           # 'ancestral' | 'rgas'
+      network='student_ema',      # 'teacher' | 'student' | 'student_ema'
+      steps=16,                   # N = NFE (paper's count)
+      precision='float32',        # 'float32' | 'float64' (D11)
+      uniform='torch',            # 'torch' | 'jax'
+      bf16_probs=False,
+      student_sigma='zero',       # 'zero' | 'true' (D3)
+      student_output='subs',      # 'subs' | 'raw'
+      noise_removal='sample',     # 'sample' | 'greedy' | 'none'
+      cache=True,                 # DDPM-cache (exact in 'zero' sigma mode)
+      top_p=1.0,
+      temperature=1.0,
+      t_min=1e-5,
+      rgas=ml_collections.ConfigDict(dict(
+          num_candidates=4, h_start=30.0, h_end=40.0, rerank_ratio=0.5, tilt_clip=1.0,
+          rerank_temperature=1.0, rerank_reward='sum_all')),
+  ))
+
+  cfg.sample = ml_collections.ConfigDict(dict(
+      checkpoint='',              # '' -> this workdir's latest checkpoint
+      num_samples=64,
+      batch_size=16,              # global batch per sampler call
+      seed=0,
+      name='',                    # output file stem ('' -> derived from the sampler settings)
+  ))
+
+  cfg.eval = ml_collections.ConfigDict(dict(
+      judge='gpt2-large',         # 'gpt2-large' | 'gpt2' | 'smollm2' | a local dir / .gguf path
+      judge_context=1024,         # judge tokens per sample (truncation)
+      judge_batch_size=8,
+      num_samples=256,
+      seed=0,
+      samples_file='',            # evaluate an existing samples .jsonl
+      bootstrap=1000,
+      nelbo_batches=16,
+  ))
+
+  cfg.sweep = ml_collections.ConfigDict(dict(
+      models='teacher,student',   # comma list of teacher | student | ar
+      samplers='ancestral,rgas',  # comma list of ancestral | cached | rgas
+      nfes='8,16,32,64,128',
+      teacher_nfes='8,16,32,64,128,1024',
+      precisions='float32',
+      ar_checkpoint='',
+  ))
+
+  cfg.logging = ml_collections.ConfigDict(dict(
+      tensorboard=False,
+      wandb=False,
+  ))
+  return cfg
+
+
+_CHOICES = {
+    'job': JOBS,
+    'model.kind': ('dit', 'ar'),
+    'model.compute_dtype': ('bfloat16', 'float32'),
+    'model.attention_impl': ('xla', 'cudnn', 'auto'),
+    'data.source': ('owt', 'shakespeare', 'text', 'npy'),
+    'data.tokenizer': ('gpt2', 'byte'),
+    'teacher.weights': ('ema', 'raw'),
+    'distill.real_source': ('data', 'teacher_samples'),
+    'distill.init': ('teacher', 'checkpoint'),
+    'distill.teacher_sigma': ('zero', 'true'),
+    'distill.kl.type': ('jeffrey', 'forward', 'reverse'),
+    'distill.omega.mode': ('inv_t', 'constant'),
+    'distill.rollout': ('shared', 'two_pass'),
+    'sampler.kind': ('ancestral', 'rgas'),
+    'sampler.network': ('teacher', 'student', 'student_ema'),
+    'sampler.precision': ('float32', 'float64'),
+    'sampler.uniform': ('torch', 'jax'),
+    'sampler.student_sigma': ('zero', 'true'),
+    'sampler.student_output': ('subs', 'raw'),
+    'sampler.noise_removal': ('sample', 'greedy', 'none'),
+    'sampler.rgas.rerank_reward': ('sum_all', 'sum_masked', 'mean_masked'),
+}
+
+
+def _get(cfg, dotted):
+  node = cfg
+  for part in dotted.split('.'):
+    node = node[part]
+  return node
+
+
+def tokenizer_vocab(name: str) -> int:
+  return {'gpt2': 50257, 'byte': 257}[name]
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raises ConfigError (one line, with the fix) on impossible settings; returns cfg."""
+  for key, choices in _CHOICES.items():
+    try:
+      value = _get(cfg, key)
+    except (KeyError, AttributeError):
+      raise ConfigError(f'config is missing `{key}`: start your config from '
+                        'didi_jax.config.base_config()') from None
+    if value not in choices:
+      raise ConfigError(f'--config.{key}={value!r} is not valid: choose one of {list(choices)}')
+  m = cfg.model
+  if m.hidden_size % m.n_heads:
+    raise ConfigError(f'model.hidden_size={m.hidden_size} is not divisible by model.n_heads='
+                      f'{m.n_heads}: pick sizes with hidden_size % n_heads == 0')
+  if (m.hidden_size // m.n_heads) % 2:
+    raise ConfigError('model head dim (hidden_size / n_heads) must be even for rotary embeddings')
+  want_vocab = tokenizer_vocab(cfg.data.tokenizer) + (1 if m.kind == 'dit' else 0)
+  if m.vocab_size != want_vocab:
+    raise ConfigError(f'model.vocab_size={m.vocab_size} but tokenizer {cfg.data.tokenizer!r} '
+                      f'needs {want_vocab} (ids + [MASK]): set --config.model.vocab_size={want_vocab}')
+  if not 0.0 <= m.dropout < 1.0:
+    raise ConfigError(f'model.dropout={m.dropout} must lie in [0, 1)')
+  if m.length < 4:
+    raise ConfigError(f'model.length={m.length} is too short: use at least 4 tokens')
+  for ax in ('data', 'fsdp', 'tensor'):
+    v = cfg.mesh[ax]
+    if v == 0 or v < -1:
+      raise ConfigError(f'mesh.{ax}={v}: use a positive size or -1 (fill with the remaining devices)')
+  if [cfg.mesh[a] for a in ('data', 'fsdp', 'tensor')].count(-1) > 1:
+    raise ConfigError('only one of mesh.data/fsdp/tensor may be -1')
+  p = cfg.pretrain
+  if p.batch_size <= 0 or p.num_steps <= 0:
+    raise ConfigError('pretrain.batch_size and pretrain.num_steps must be positive')
+  if not 0 <= p.ema_decay < 1:
+    raise ConfigError(f'pretrain.ema_decay={p.ema_decay} must lie in [0, 1)')
+  if cfg.data.source in ('text', 'npy') and not cfg.data.paths:
+    raise ConfigError(f'data.source={cfg.data.source!r} needs --config.data.paths=GLOB_OR_DIR')
+  if cfg.data.source == 'owt' and cfg.data.tokenizer != 'gpt2':
+    raise ConfigError('data.source=owt uses GPT-2 BPE: set --config.data.tokenizer=gpt2')
+  if not 0 < cfg.data.valid_fraction < 1:
+    raise ConfigError(f'data.valid_fraction={cfg.data.valid_fraction} must lie in (0, 1)')
+  d = cfg.distill
+  if d.group_size < 2 and d.group_norm:
+    raise ConfigError('distill.group_size must be >= 2 for grouped normalisation '
+                      '(or set --config.distill.group_norm=False)')
+  if not 0 < d.tau.min < d.tau.max < 1:
+    raise ConfigError('distill.tau needs 0 < min < max < 1')
+  if not 0 <= d.kl.beta <= 1:
+    raise ConfigError(f'distill.kl.beta={d.kl.beta} must lie in [0, 1]')
+  if d.disc_unfreeze_blocks > m.n_blocks or d.disc_unfreeze_blocks < 0:
+    raise ConfigError(f'distill.disc_unfreeze_blocks={d.disc_unfreeze_blocks} must lie in '
+                      f'[0, model.n_blocks={m.n_blocks}]')
+  if d.num_iterations <= 0:
+    raise ConfigError('distill.num_iterations must be positive')
+  s = cfg.sampler
+  if s.steps < 1:
+    raise ConfigError(f'sampler.steps={s.steps} must be >= 1')
+  if not 0 < s.top_p <= 1:
+    raise ConfigError(f'sampler.top_p={s.top_p} must lie in (0, 1]')
+  if s.temperature <= 0:
+    raise ConfigError(f'sampler.temperature={s.temperature} must be positive')
+  if not 0 <= s.rgas.rerank_ratio <= 1:
+    raise ConfigError('sampler.rgas.rerank_ratio must lie in [0, 1]')
+  if s.rgas.num_candidates < 1:
+    raise ConfigError('sampler.rgas.num_candidates must be >= 1')
+  for key in ('teacher.checkpoint', 'distill.init_checkpoint', 'sample.checkpoint',
+              'eval.samples_file'):
+    path = _get(cfg, key)
+    if path and not path.startswith('hf:') and not os.path.exists(os.path.expanduser(path)):
+      raise ConfigError(f'{key}={path!r} does not exist: fix the path (or use hf:ORG/NAME)')
+  if d.init == 'checkpoint' and not d.init_checkpoint:
+    raise ConfigError('distill.init=checkpoint needs --config.distill.init_checkpoint=PATH')
+  return cfg

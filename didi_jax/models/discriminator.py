@@ -1,0 +1,92 @@
+"""Discriminator: the teacher's DiT trunk + a spectral-normalised per-token head (SPEC §5.2-§5.3).
+
+Convention: one logit per token, high = "real". The head reads the last block's residual stream
+directly (no final LN, no adaLN): d = main_2(SiLU(main_0(h))). Both head layers use PyTorch's
+classic spectral norm with one power iteration; the power-iteration vectors u, v live in the
+non-trainable `Spectral` collection and are checkpointed with the model.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from didi_jax.models.dit import DiTTrunk, torch_uniform_init
+
+Array = jax.Array
+
+
+class Spectral(nnx.Variable):
+  """Power-iteration state of a spectral-normalised layer (not trained by the optimiser)."""
+
+
+def _normalize(x):
+  return x / jnp.maximum(jnp.linalg.norm(x), 1e-12)
+
+
+class SNLinear(nnx.Module):
+  """Spectral-normalised Linear. kernel (in, out) = weight_origᵀ; u (out,), v (in,)."""
+
+  def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs):
+    init = torch_uniform_init(d_in)
+    self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out)))
+    self.bias = nnx.Param(init(rngs.params(), (d_out,)))
+    self.u = Spectral(_normalize(jax.random.normal(rngs.params(), (d_out,))))
+    self.v = Spectral(_normalize(jax.random.normal(rngs.params(), (d_in,))))
+
+  def effective_kernel(self, update: bool) -> Array:
+    k = self.kernel[...]
+    u, v = self.u[...], self.v[...]
+    if update:
+      # v <- normalize(Wᵀu), u <- normalize(W v), with W = kᵀ (out, in).
+      v = _normalize(k @ u)
+      u = _normalize(v @ k)
+      self.u[...] = jax.lax.stop_gradient(u)
+      self.v[...] = jax.lax.stop_gradient(v)
+    u = jax.lax.stop_gradient(u)
+    v = jax.lax.stop_gradient(v)
+    s = jnp.dot(v @ k, u)
+    return k / s
+
+  def __call__(self, x: Array, update: bool = False) -> Array:
+    k = self.effective_kernel(update)
+    return jnp.dot(x.astype(jnp.float32), k, precision=jax.lax.Precision.HIGHEST) + self.bias[...]
+
+
+class DiscriminatorHead(nnx.Module):
+
+  def __init__(self, dim: int, *, rngs: nnx.Rngs):
+    self.main_0 = SNLinear(dim, dim, rngs=rngs)
+    self.main_2 = SNLinear(dim, 1, rngs=rngs)
+
+  def __call__(self, h_BxLxD: Array, update: bool = False) -> Array:
+    return self.main_2(jax.nn.silu(self.main_0(h_BxLxD, update)), update)[..., 0]
+
+
+class Discriminator(DiTTrunk):
+  """(ids or probabilities (B, L, V), σ_B) -> per-token logits (B, L), float32."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.output_layer = DiscriminatorHead(cfg.hidden_size, rngs=rngs)
+
+  def __call__(self, x, sigma_B, *, update_spectral: bool = False,
+               dropout_key: Optional[Array] = None) -> Array:
+    h, _ = self.trunk(x, sigma_B, dropout_key=dropout_key)
+    return self.output_layer(h, update_spectral)
+
+
+def trainable_mask(params_tree, n_blocks: int, unfreeze_blocks: int):
+  """Bool pytree over a Discriminator's Param state: last `unfreeze_blocks` blocks + head."""
+  first = n_blocks - unfreeze_blocks
+
+  def is_trainable(path, _):
+    keys = [getattr(p, 'key', getattr(p, 'idx', None)) for p in path]
+    if keys and keys[0] == 'output_layer':
+      return True
+    if keys and keys[0] == 'blocks':
+      return int(keys[1]) >= first
+    return False
+  return jax.tree_util.tree_map_with_path(is_trainable, params_tree)

@@ -1,0 +1,236 @@
+"""The DiT denoiser of MDLM / DiDi-Instruct (SPEC §3), in Flax NNX.
+
+Parameter paths mirror the official PyTorch names one-to-one (`blocks.3.mlp.0.weight` <->
+`('blocks', 3, 'mlp_0', 'kernel')`); Linear kernels are stored (in, out).
+
+Precision (SPEC §3.2): parameters float32; embedding, time MLP, rotary tables and LayerNorm
+statistics float32; the residual stream float32; every matmul runs in `compute_dtype` and returns
+it (bf16 by default), so logits are bf16 — consumers upcast them before any softmax.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def torch_uniform_init(fan_in: int):
+  """PyTorch's default Linear init: U(±1/sqrt(fan_in)) (kaiming_uniform with a=√5)."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def zeros_init(key, shape, dtype=jnp.float32):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias, computed in `dtype` (inputs and kernel cast), kernel (in, out)."""
+
+  def __init__(self, d_in: int, d_out: int, *, use_bias: bool = True, zero: bool = False,
+               dtype=jnp.bfloat16, rngs: nnx.Rngs):
+    init = zeros_init if zero else torch_uniform_init(d_in)
+    self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out)))
+    self.bias = nnx.Param(init(rngs.params(), (d_out,))) if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x: Array) -> Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class LayerNormNoBias(nnx.Module):
+  """LN without affine shift: float32 statistics (biased variance, eps 1e-5) times a weight."""
+
+  def __init__(self, dim: int):
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * self.weight[...]
+
+
+class Embedding(nnx.Module):
+
+  def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(torch_uniform_init(dim)(rngs.params(), (vocab, dim)))
+
+  def __call__(self, x: Array) -> Array:
+    table = self.embedding[...]
+    if jnp.issubdtype(x.dtype, jnp.integer):
+      return jnp.take(table, x, axis=0)
+    # Soft input: probabilities (B, L, V) @ E, float32 (SPEC §3.2 step 1).
+    return jnp.einsum('blv,vd->bld', x.astype(jnp.float32), table,
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def timestep_features(sigma_B: Array, dim: int = 256) -> Array:
+  """φ(σ) = [cos(σ f_k)] ++ [sin(σ f_k)], f_k = exp(−ln(10000) k / (dim/2)); cos block first."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = sigma_B.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class SigmaMap(nnx.Module):
+  """Time MLP 256 -> C -> C in float32 (the outer SiLU is applied by the DiT)."""
+
+  def __init__(self, cond_dim: int, *, rngs: nnx.Rngs):
+    self.mlp_0 = Linear(256, cond_dim, dtype=jnp.float32, rngs=rngs)
+    self.mlp_2 = Linear(cond_dim, cond_dim, dtype=jnp.float32, rngs=rngs)
+
+  def __call__(self, sigma_B: Array) -> Array:
+    return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_features(sigma_B))))
+
+
+def rotary_tables(length: int, head_dim: int):
+  """cos/sin of concat(angle, angle), angle[p, j] = p·10000^(−2j/Dh); float32, (L, Dh)."""
+  inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angle = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None]
+  emb = jnp.concatenate([angle, angle], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x_BxLxHxD: Array, cos_LxD: Array, sin_LxD: Array) -> Array:
+  """Non-interleaved rotate-half rotary, computed in float32 and rounded to x's dtype."""
+  half = x_BxLxHxD.shape[-1] // 2
+  x = x_BxLxHxD.astype(jnp.float32)
+  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos = cos_LxD[None, :, None, :]
+  sin = sin_LxD[None, :, None, :]
+  return (x * cos + rot * sin).astype(x_BxLxHxD.dtype)
+
+
+def modulate(x, shift, scale):
+  return x * (1.0 + scale) + shift
+
+
+def dropout(x: Array, rate: float, key: Optional[Array]) -> Array:
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class DiTBlock(nnx.Module):
+
+  def __init__(self, dim: int, n_heads: int, mlp_dim: int, cond_dim: int, *, dtype,
+               attention_impl: str, rngs: nnx.Rngs):
+    self.n_heads = n_heads
+    self.attention_impl = attention_impl
+    self.norm1 = LayerNormNoBias(dim)
+    self.attn_qkv = Linear(dim, 3 * dim, use_bias=False, dtype=dtype, rngs=rngs)
+    self.attn_out = Linear(dim, dim, use_bias=False, dtype=dtype, rngs=rngs)
+    self.norm2 = LayerNormNoBias(dim)
+    self.mlp_0 = Linear(dim, mlp_dim, dtype=dtype, rngs=rngs)
+    self.mlp_2 = Linear(mlp_dim, dim, dtype=dtype, rngs=rngs)
+    self.adaLN_modulation = Linear(cond_dim, 6 * dim, zero=True, dtype=dtype, rngs=rngs)
+
+  def __call__(self, h_BxLxD, c_BxC, cos, sin, rate: float, key: Optional[Array]):
+    B, L, D = h_BxLxD.shape
+    H = self.n_heads
+    mod = self.adaLN_modulation(c_BxC)[:, None, :]
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
+    k1 = k2 = None
+    if key is not None:
+      k1, k2 = jax.random.split(key)
+
+    u = modulate(self.norm1(h_BxLxD), shift_a, scale_a)
+    qkv = self.attn_qkv(u).reshape(B, L, 3, H, D // H)
+    q = apply_rotary(qkv[:, :, 0], cos, sin)
+    k = apply_rotary(qkv[:, :, 1], cos, sin)
+    v = qkv[:, :, 2]
+    impl = None if self.attention_impl == 'auto' else self.attention_impl
+    a = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    a = a.reshape(B, L, D)
+    h = h_BxLxD + gate_a * dropout(self.attn_out(a), rate, k1)
+
+    u2 = modulate(self.norm2(h), shift_m, scale_m)
+    m = self.mlp_2(jax.nn.gelu(self.mlp_0(u2), approximate=True))
+    return h + gate_m * dropout(m, rate, k2)
+
+
+class OutputLayer(nnx.Module):
+
+  def __init__(self, dim: int, vocab: int, cond_dim: int, *, dtype, rngs: nnx.Rngs):
+    self.norm_final = LayerNormNoBias(dim)
+    self.linear = Linear(dim, vocab, zero=True, dtype=dtype, rngs=rngs)
+    self.adaLN_modulation = Linear(cond_dim, 2 * dim, zero=True, dtype=dtype, rngs=rngs)
+
+  def modulated(self, h_BxLxD, c_BxC):
+    shift, scale = jnp.split(self.adaLN_modulation(c_BxC)[:, None, :], 2, axis=-1)
+    return modulate(self.norm_final(h_BxLxD), shift, scale)
+
+  def __call__(self, h_BxLxD, c_BxC):
+    return self.linear(self.modulated(h_BxLxD, c_BxC))
+
+
+class DiTTrunk(nnx.Module):
+  """Embedding, time MLP and blocks: everything but the output layer."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.compute_dtype)
+    self.cfg_length = cfg.length
+    self.head_dim = cfg.hidden_size // cfg.n_heads
+    self.dropout_rate = float(cfg.dropout)
+    self.remat = bool(cfg.get('remat', False))
+    self.vocab_embed = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
+    self.sigma_map = SigmaMap(cfg.cond_dim, rngs=rngs)
+    self.blocks = nnx.List([
+        DiTBlock(cfg.hidden_size, cfg.n_heads, cfg.mlp_dim, cfg.cond_dim, dtype=dtype,
+                 attention_impl=cfg.attention_impl, rngs=rngs)
+        for _ in range(cfg.n_blocks)])
+
+  def trunk(self, x, sigma_B, *, dropout_key: Optional[Array] = None, num_blocks=None):
+    """Returns (hidden_BxLxD float32, c_BxC float32). x: ids (B, L) or probabilities (B, L, V)."""
+    h = self.vocab_embed(x)
+    L = h.shape[1]
+    c = jax.nn.silu(self.sigma_map(sigma_B))
+    cos, sin = rotary_tables(L, self.head_dim)
+    blocks = self.blocks if num_blocks is None else self.blocks[:num_blocks]
+    keys = [None] * len(blocks)
+    if dropout_key is not None and self.dropout_rate > 0:
+      keys = list(jax.random.split(dropout_key, len(blocks)))
+    for block, key in zip(blocks, keys):
+      if self.remat:
+        h = nnx.remat(lambda b, h_, c_, k_: b(h_, c_, cos, sin, self.dropout_rate, k_))(
+            block, h, c, key)
+      else:
+        h = block(h, c, cos, sin, self.dropout_rate, key)
+    return h, c
+
+
+class DiT(DiTTrunk):
+  """Teacher / student denoiser: (ids or probabilities, σ) -> raw logits (B, L, V)."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.output_layer = OutputLayer(cfg.hidden_size, cfg.vocab_size, cfg.cond_dim,
+                                    dtype=jnp.dtype(cfg.compute_dtype), rngs=rngs)
+
+  def __call__(self, x, sigma_B, *, dropout_key: Optional[Array] = None):
+    h, c = self.trunk(x, sigma_B, dropout_key=dropout_key)
+    return self.output_layer(h, c)
+
+  def features(self, x, sigma_B, *, dropout_key: Optional[Array] = None):
+    """The output layer's input after final LN + adaLN (B, L, D), for row-sparse projections."""
+    h, c = self.trunk(x, sigma_B, dropout_key=dropout_key)
+    return self.output_layer.modulated(h, c)
+
+
+def count_params(module: nnx.Module) -> int:
+  state = nnx.state(module, nnx.Param)
+  return sum(int(x.size) for x in jax.tree.leaves(state))
