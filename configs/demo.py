@@ -1,0 +1,139 @@
+r"""The embedded default: Shakespeare on a laptop CPU, end to end.
+
+  python -m didi_jax.main --config=configs/demo.py --workdir=runs/demo
+
+Presets:
+  (none)   distil the shipped demo teacher (didi_jax/assets/demo_teacher), then the NFE sweep
+           judged offline by SmolLM2-135M.
+  teacher  how the shipped teacher was trained (`pretrain` on the Shakespeare corpus):
+             python -m didi_jax.main --config=configs/demo.py:teacher --workdir=runs/demo_teacher
+  smoke    a tiny teacher trained in the run itself, then distill -> samples -> sweep; mechanics
+           only, a few minutes on 2 CPU cores.
+  gpu      GPT-2 BPE Shakespeare with the paper's `small` DiT at L=256, for one GPU: pretrain a
+           teacher (--config.job=pretrain) then run the pipeline with teacher.checkpoint set.
+"""
+import os
+
+from didi_jax.config import base_config, model_config
+
+DEMO_TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            'didi_jax', 'assets', 'demo_teacher')
+
+
+def _shakespeare(cfg, tokenizer='byte'):
+  cfg.data.source = 'shakespeare'
+  cfg.data.tokenizer = tokenizer
+  cfg.data.pack_group = 0
+  cfg.data.valid_fraction = 0.05
+  cfg.mesh.data = -1
+
+
+def _demo_model(cfg):
+  cfg.model = model_config('demo', vocab_size=258, length=256)
+  cfg.model.hidden_size, cfg.model.n_blocks, cfg.model.n_heads = 192, 4, 4
+  cfg.model.mlp_dim, cfg.model.cond_dim = 768, 64
+  cfg.model.compute_dtype = 'float32'    # CPUs have no fast bf16 matmuls
+
+
+def get_config(preset: str = ''):
+  cfg = base_config()
+  _shakespeare(cfg)
+  _demo_model(cfg)
+  cfg.eval.judge = 'smollm2'
+  cfg.eval.judge_context = 128
+  cfg.eval.num_samples = 48
+  cfg.eval.judge_batch_size = 16
+
+  # The demo teacher recipe (preset `teacher`).
+  cfg.pretrain.batch_size = 32
+  cfg.pretrain.num_steps = 20000
+  cfg.pretrain.lr = 1e-3
+  cfg.pretrain.warmup_steps = 500
+  cfg.pretrain.ema_decay = 0.999
+  cfg.pretrain.eval_every = 500
+  cfg.pretrain.eval_batches = 8
+  cfg.pretrain.log_every = 50
+  cfg.checkpoint.every = 500
+  cfg.checkpoint.keep = 2
+
+  # Distillation on the demo: same recipe, scaled to a CPU.
+  cfg.teacher.checkpoint = DEMO_TEACHER
+  cfg.distill.num_iterations = 300
+  cfg.distill.batch_size = 4
+  cfg.distill.group_size = 4
+  cfg.distill.optim.student.lr = 2e-5
+  cfg.distill.optim.disc.lr = 1e-4
+  cfg.distill.optim.student.warmup_steps = 30
+  cfg.distill.optim.disc.warmup_steps = 30
+  cfg.distill.log_every = 10
+  cfg.distill.sample_every = 100
+  cfg.checkpoint.every = 100
+
+  cfg.sampler.network = 'student_ema'
+  cfg.sampler.steps = 16
+  cfg.sample.num_samples = 48
+  cfg.sample.batch_size = 16
+
+  cfg.sweep.models = 'teacher,student'
+  cfg.sweep.samplers = 'ancestral,rgas'
+  cfg.sweep.nfes = '4,8,16,32'
+  cfg.sweep.teacher_nfes = '4,8,16,32,128'
+  cfg.job = 'pipeline'
+
+  if preset == 'teacher':
+    cfg.job = 'pretrain'
+    cfg.teacher.checkpoint = ''
+    cfg.checkpoint.every = 500
+  elif preset == 'smoke':
+    cfg.model = model_config('tiny', vocab_size=258, length=64)
+    cfg.model.compute_dtype = 'float32'
+    cfg.teacher.checkpoint = ''          # the pipeline pretrains its own tiny teacher
+    cfg.pretrain.batch_size = 16
+    cfg.pretrain.num_steps = 60
+    cfg.pretrain.warmup_steps = 10
+    cfg.pretrain.eval_every = 30
+    cfg.pretrain.eval_batches = 2
+    cfg.pretrain.log_every = 10
+    cfg.checkpoint.every = 30
+    cfg.distill.num_iterations = 10
+    cfg.distill.batch_size = 2
+    cfg.distill.group_size = 4
+    cfg.distill.optim.student.warmup_steps = 2
+    cfg.distill.optim.disc.warmup_steps = 2
+    cfg.distill.log_every = 5
+    cfg.distill.sample_every = 10
+    cfg.distill.sample_count = 4
+    cfg.sample.num_samples = 8
+    cfg.sample.batch_size = 8
+    cfg.eval.num_samples = 8
+    cfg.eval.judge_context = 32
+    cfg.eval.bootstrap = 200
+    cfg.sweep.nfes = '4,8'
+    cfg.sweep.teacher_nfes = '4,8'
+  elif preset == 'gpu':
+    _shakespeare(cfg, tokenizer='gpt2')
+    cfg.model = model_config('small', vocab_size=50258, length=256)
+    cfg.model.attention_impl = 'auto'
+    cfg.teacher.checkpoint = ''          # set to the gpu teacher's workdir after pretraining
+    cfg.pretrain.batch_size = 128
+    cfg.pretrain.num_steps = 10000
+    cfg.pretrain.lr = 3e-4
+    cfg.pretrain.warmup_steps = 500
+    cfg.pretrain.ema_decay = 0.999
+    cfg.pretrain.eval_every = 1000
+    cfg.checkpoint.every = 1000
+    cfg.distill.num_iterations = 2000
+    cfg.distill.batch_size = 8
+    cfg.distill.optim.student.lr = 1e-6
+    cfg.distill.optim.disc.lr = 1e-5
+    cfg.distill.optim.student.warmup_steps = 200
+    cfg.distill.optim.disc.warmup_steps = 200
+    cfg.eval.num_samples = 256
+    cfg.eval.judge_context = 256
+    cfg.sample.batch_size = 64
+    cfg.sweep.nfes = '8,16,32,64,128'
+    cfg.sweep.teacher_nfes = '8,16,32,64,128,256'
+  elif preset:
+    raise ValueError(f'unknown preset {preset!r} for configs/demo.py: use one of '
+                     "'', 'teacher', 'smoke', 'gpu'")
+  return cfg

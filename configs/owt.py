@@ -1,0 +1,33 @@
+r"""The paper's job on OpenWebText (SPEC §1-§10 defaults).
+
+  python -m didi_jax.main --config=configs/owt.py --workdir=runs/owt \
+      --config.teacher.checkpoint=hf:kuleshov-group/mdlm-owt
+
+Presets:
+  (none)   DiDi-Instruct distillation of the 169M MDLM teacher (teacher.checkpoint: our pretrain
+           workdir, a local .ckpt/.safetensors, or hf:kuleshov-group/mdlm-owt), 10k iterations,
+           B=8 x G=4, then evaluate with RGAS at 16 NFE judged by GPT-2 Large.
+  teacher  the MDLM teacher recipe: 1M steps x 512 x 1024 tokens, AdamW 3e-4, warm-up 2500,
+           EMA 0.9999, dropout 0.1.
+"""
+from didi_jax.config import base_config
+
+
+def get_config(preset: str = ''):
+  cfg = base_config()
+  cfg.data.source = 'owt'
+  cfg.data.tokenizer = 'gpt2'
+  cfg.model.attention_impl = 'auto'
+  cfg.job = 'distill'
+  cfg.checkpoint.every = 200               # official: student_iters_{k}.ckpt every 200
+  cfg.sampler.kind = 'rgas'
+  cfg.sampler.steps = 16
+  cfg.eval.judge = 'gpt2-large'
+  cfg.sweep.models = 'teacher,student'
+  cfg.sweep.samplers = 'ancestral,rgas'
+  if preset == 'teacher':
+    cfg.job = 'pretrain'
+    cfg.checkpoint.every = 5000
+  elif preset:
+    raise ValueError(f"unknown preset {preset!r} for configs/owt.py: use '' or 'teacher'")
+  return cfg

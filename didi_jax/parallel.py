@@ -1,0 +1,161 @@
+"""Device mesh, logical-axis rules, shardings and multi-host initialisation.
+
+Mesh axes: ('data', 'fsdp', 'tensor'). The batch is sharded over data×fsdp; parameters over fsdp
+(ZeRO-3 style) and tensor (Megatron style) according to one rules table keyed by parameter name.
+A dimension that is not divisible by its mesh axis is left unsharded on that axis, so every model
+size runs on every mesh (GSPMD inserts the collectives).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+# Logical axis names -> mesh axis (the one rules table).
+LOGICAL_RULES = {
+    'batch': BATCH_AXES,
+    'embed': 'fsdp',      # the model dimension of weight matrices
+    'mlp': 'tensor',      # column-parallel output / row-parallel input
+    'heads': 'tensor',
+    'vocab': 'tensor',
+    'cond': None,
+    'norm': None,
+}
+
+
+def logical_axes(path: tuple, ndim: int) -> tuple:
+  """Logical axes of a parameter given its tree path (names mirror the official model)."""
+  names = [str(getattr(p, 'key', getattr(p, 'idx', getattr(p, 'name', p)))) for p in path]
+  leaf = names[-1] if names else ''
+  parent = names[-2] if len(names) > 1 else ''
+  if ndim == 0:
+    return ()
+  if 'sigma_map' in names or parent in ('main_0', 'main_2') or leaf in ('u', 'v'):
+    return (None,) * ndim                      # small: replicate
+  if leaf == 'embedding' or (leaf == 'embedding' and parent == 'vocab_embed'):
+    return ('vocab', 'embed')
+  if leaf in ('wte', 'wpe'):
+    return (None, 'embed')
+  if leaf == 'kernel' and ndim == 2:
+    if parent == 'adaLN_modulation':
+      return ('cond', 'mlp')
+    if parent in ('attn_out', 'mlp_2', 'c_proj', 'o_proj', 'down_proj'):
+      return ('mlp', 'embed')                   # row-parallel
+    if parent == 'linear':
+      return ('embed', 'vocab')
+    return ('embed', 'mlp')                     # column-parallel (qkv, mlp_0, ...)
+  if leaf == 'bias' and ndim == 1:
+    if parent in ('attn_out', 'mlp_2', 'c_proj'):
+      return (None,)
+    if parent == 'linear':
+      return ('vocab',)
+    return ('mlp',)
+  return (None,) * ndim
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  sizes = [int(mesh_cfg[a]) for a in AXES]
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f'mesh {dict(zip(AXES, sizes))} does not divide {num_devices} devices: '
+                       'choose mesh.fsdp/mesh.tensor that divide the device count')
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(f'mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices but '
+                     f'{num_devices} are present: set --config.mesh.data=-1 or sizes whose '
+                     'product is the device count')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  try:
+    from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+    arr = mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception:  # pylint: disable=broad-except
+    arr = np.asarray(devices).reshape(shape)
+  return Mesh(arr, AXES)
+
+
+def _mesh_axis_size(mesh: Mesh, axis) -> int:
+  if axis is None:
+    return 1
+  if isinstance(axis, tuple):
+    return int(np.prod([mesh.shape[a] for a in axis]))
+  return mesh.shape[axis]
+
+
+def spec_for(path, shape, mesh: Mesh) -> P:
+  axes = logical_axes(path, len(shape))
+  out = []
+  for dim, logical in zip(shape, axes):
+    mesh_axis = LOGICAL_RULES.get(logical) if logical else None
+    if mesh_axis is not None and dim % _mesh_axis_size(mesh, mesh_axis) == 0 \
+        and _mesh_axis_size(mesh, mesh_axis) > 1:
+      out.append(mesh_axis)
+    else:
+      out.append(None)
+  return P(*out)
+
+
+def param_shardings(mesh: Mesh, tree: Any):
+  """NamedShardings for a parameter pytree (arrays or ShapeDtypeStructs)."""
+  def one(path, x):
+    shape = getattr(x, 'shape', ())
+    return NamedSharding(mesh, spec_for(path, shape, mesh))
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def shard_params(mesh: Mesh, tree: Any):
+  return jax.device_put(tree, param_shardings(mesh, tree))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  return _mesh_axis_size(mesh, BATCH_AXES)
+
+
+def global_batch(mesh: Mesh, local_batch: np.ndarray) -> jax.Array:
+  """Assembles per-host batch slices (contiguous, host-major) into one data-sharded jax.Array."""
+  sharding = batch_sharding(mesh, local_batch.ndim)
+  if jax.process_count() == 1:
+    return jax.device_put(local_batch, sharding)
+  global_shape = (local_batch.shape[0] * jax.process_count(),) + local_batch.shape[1:]
+  return jax.make_array_from_process_local_data(sharding, local_batch, global_shape)
+
+
+def maybe_initialize_distributed() -> None:
+  """Multi-host init: TPU pods (auto-detected), SLURM, or explicit env vars.
+
+  Explicit: DIDI_COORDINATOR=host:port, DIDI_NUM_PROCESSES, DIDI_PROCESS_ID. Under SLURM with
+  more than one task, jax's cluster auto-detection is used. Single-process runs do nothing.
+  """
+  if os.environ.get('DIDI_COORDINATOR'):
+    jax.distributed.initialize(
+        coordinator_address=os.environ['DIDI_COORDINATOR'],
+        num_processes=int(os.environ['DIDI_NUM_PROCESSES']),
+        process_id=int(os.environ['DIDI_PROCESS_ID']))
+  elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 or os.environ.get('TPU_WORKER_HOSTNAMES') \
+      or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info('distributed: process %d of %d, %d local / %d global devices',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
