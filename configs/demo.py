@@ -59,6 +59,7 @@ def get_config(preset: str = ''):
   # Distillation on the demo: same recipe, scaled to a CPU.
   cfg.teacher.checkpoint = DEMO_TEACHER
   cfg.distill.num_iterations = 300
+  cfg.distill.disc_unfreeze_blocks = 2   # the paper trains the last 4 of 12 blocks
   cfg.distill.batch_size = 4
   cfg.distill.group_size = 4
   cfg.distill.optim.student.lr = 2e-5
@@ -96,6 +97,7 @@ def get_config(preset: str = ''):
     cfg.pretrain.log_every = 10
     cfg.checkpoint.every = 30
     cfg.distill.num_iterations = 10
+    cfg.distill.disc_unfreeze_blocks = 1
     cfg.distill.batch_size = 2
     cfg.distill.group_size = 4
     cfg.distill.optim.student.warmup_steps = 2

@@ -55,14 +55,16 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.data = ml_collections.ConfigDict(dict(
       source='owt',               # 'owt' | 'shakespeare' | 'text' | 'npy'
       tokenizer='gpt2',           # 'gpt2' | 'byte'
-      paths='',                   # 'text': glob of .txt/.jsonl; 'npy': dir with train.npy/valid.npy
-      jsonl_field='text',         # field of .jsonl records holding the text
+      paths='',                   # 'text' (and 'owt' local dump): comma-separated globs/dirs of
+                                  # .txt/.jsonl; 'npy': dir with train.npy/valid.npy
+      jsonl_field='text',         # field of .jsonl records (and HF rows) holding the text
+      hf_dataset='openwebtext',   # 'owt' without paths: HF datasets name (needs network + datasets)
       cache_dir='',               # tokenisation cache ('' -> $DIDI_JAX_CACHE or ~/.cache/didi_jax)
       pack_group=1000,            # documents per packing group (SPEC §2); 0 = one global stream
       valid_docs=100000,          # OWT: last N documents are validation (train[-100000:])
-      valid_fraction=0.05,        # other sources: fraction of the token stream held out
+      valid_fraction=0.05,        # shakespeare/text: tail fraction of every document held out
       shuffle_seed=42,            # seeded per-epoch permutation of training blocks
-      num_workers=0,              # grain worker processes (0 on small machines)
+      num_workers=0,              # training batches prepared ahead in background threads (0: none)
   ))
 
   cfg.mesh = ml_collections.ConfigDict(dict(

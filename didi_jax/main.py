@@ -71,5 +71,9 @@ def main(argv):
       print('summary: ' + json.dumps(summary, default=str), flush=True)
 
 
-if __name__ == '__main__':
+def run_cli():
   app.run(main)
+
+
+if __name__ == '__main__':
+  run_cli()

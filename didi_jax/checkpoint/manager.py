@@ -106,6 +106,8 @@ def _key_str(path) -> str:
         break
     else:
       out.append(str(p))
+  if len(out) > 1 and out[-1] == 'value':  # nnx.Variable's pytree child
+    out = out[:-1]
   return '.'.join(out)
 
 

@@ -15,7 +15,7 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 GPT2_EOS = 50256
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
   """GPT-2's reversible byte <-> printable-unicode table."""
   bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(
       range(ord('®'), ord('ÿ') + 1))
@@ -47,7 +47,7 @@ class GPT2Tokenizer:
     files_dir = files_dir or gpt2_files_dir()
     with open(os.path.join(files_dir, 'encoder.json'), encoding='utf-8') as f:
       encoder = json.load(f)
-    byte_decoder = {v: k for k, v in _bytes_to_unicode().items()}
+    byte_decoder = {v: k for k, v in bytes_to_unicode().items()}
     ranks = {bytes(byte_decoder[c] for c in tok): rank for tok, rank in encoder.items()
              if tok != '<|endoftext|>'}
     self._enc = tiktoken.Encoding(name='gpt2_offline', pat_str=GPT2_PATTERN,
@@ -114,3 +114,6 @@ def get_tokenizer(name: str):
     raise ValueError(f'Unknown tokenizer {name!r}: choose one of {sorted(TOKENIZERS)} '
                      '(--config.data.tokenizer=...)')
   return TOKENIZERS[name]()
+
+
+

@@ -44,7 +44,9 @@ class Linear(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: Array) -> Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    # float32 mode means float32 matmuls (no TF32 on GPUs): parity runs rely on it.
+    precision = jax.lax.Precision.HIGHEST if self.dtype == jnp.float32 else None
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), precision=precision)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

@@ -81,7 +81,7 @@ def make_train_step(cfg, graphdef, tx) -> Callable:
   def step(state, x_BxL, run_key):
     key = jax.random.fold_in(run_key, state['step'])
     loss, grads = jax.value_and_grad(loss_fn)(state['params'], x_BxL, key)
-    gnorm = optax.global_norm(grads)
+    gnorm = common.global_norm(grads)
     nonfinite = common.count_nonfinite(grads)
     updates, opt = tx.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
@@ -104,9 +104,9 @@ def make_eval_step(cfg, graphdef) -> Callable:
 class Trainer:
   """Owns the mesh, compiled steps, state shardings and checkpoint manager for pre-training."""
 
-  def __init__(self, cfg, workdir: str):
+  def __init__(self, cfg, workdir: str, devices=None):
     self.cfg, self.workdir = cfg, workdir
-    self.mesh = parallel.make_mesh(cfg.mesh)
+    self.mesh = parallel.make_mesh(cfg.mesh, devices)
     div = parallel.batch_divisor(self.mesh)
     if cfg.pretrain.batch_size % div:
       raise ValueError(f'pretrain.batch_size={cfg.pretrain.batch_size} is not divisible by the '
@@ -139,9 +139,8 @@ class Trainer:
 
   def fresh_state(self):
     cfg, tx = self.cfg, self.tx
-    with self.mesh:
-      fn = jax.jit(lambda: _fresh_state(cfg, tx, cfg.seed), out_shardings=self.state_shardings)
-      return fn()
+    fn = jax.jit(lambda: _fresh_state(cfg, tx, cfg.seed), out_shardings=self.state_shardings)
+    return fn()
 
 
 def _fresh_state_abstract(cfg, tx, abstract_params):
@@ -181,12 +180,9 @@ def run(cfg, workdir: str) -> dict:
   mngr = Manager(os.path.join(workdir, 'checkpoints'), keep=cfg.checkpoint.keep,
                  async_save=cfg.checkpoint.async_save)
   L = cfg.model.length
-  it = pipeline.TrainIterator(cfg.data, L, pcfg.batch_size, seed=cfg.data.shuffle_seed,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count())
-  valid = pipeline.eval_batches(cfg.data, L, pcfg.batch_size, pcfg.eval_batches,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count())
+  # Every host reads the same global batch (a few MB) and places only its devices' rows.
+  it = pipeline.TrainIterator(cfg.data, L, pcfg.batch_size, seed=cfg.data.shuffle_seed)
+  valid = pipeline.eval_batches(cfg.data, L, pcfg.batch_size, pcfg.eval_batches)
   start = mngr.latest_step()
   if start is not None:
     state, data_state, _ = mngr.restore(trainer.abstract_state_sharded())

@@ -1,0 +1,14 @@
+"""didi_jax: DiDi-Instruct (Discrete Diffusion Divergence Instruct) in JAX/Flax.
+
+Python API:
+  load_denoiser(SOURCE, dtype=jnp.float32) -> (ids_BxL | probs_BxLxV, sigma_B) -> logits_BxLxV
+  load_discriminator(SOURCE, dtype=jnp.float32) -> (ids_BxL | probs_BxLxV, sigma_B) -> logits_BxL
+"""
+__version__ = '0.1.0'
+
+
+def __getattr__(name):
+  if name in ('load_denoiser', 'load_discriminator'):
+    from didi_jax import api  # pylint: disable=import-outside-toplevel
+    return getattr(api, name)
+  raise AttributeError(f'module didi_jax has no attribute {name!r}')

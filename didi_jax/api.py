@@ -1,0 +1,108 @@
+"""One-call loaders for released checkpoints: a denoiser and a discriminator as plain callables.
+
+    denoise = load_denoiser('hf:haoyangzheng/didi-instruct-small')
+    logits_BxLxV = denoise(ids_BxL, sigma_B)          # raw logits, as the official DiT returns
+
+`source` is anything `didi_jax.checkpoint.importer` reads (file, directory, hf:ORG/NAME). With
+dtype=float32 every matmul runs in float32 (parity with the PyTorch model); with bfloat16 the model
+follows the official bf16-autocast policy and returns bf16 logits (SPEC §3.2).
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from didi_jax import config as config_lib
+from didi_jax.checkpoint import importer
+from didi_jax.checkpoint import names
+
+Array = jax.Array
+
+
+def _model_config(src: importer.Source, role: str, size, dtype, length: int):
+  inferred = importer.source_model_config(src, role, length=length)
+  if size is None:
+    cfg = inferred
+  elif isinstance(size, str):
+    if size not in config_lib.MODEL_SIZES:
+      raise ValueError(f'size={size!r} is not a preset: use one of {list(config_lib.MODEL_SIZES)} '
+                       'or None to infer it from the checkpoint')
+    cfg = config_lib.model_config(size, vocab_size=inferred.vocab_size, length=length)
+  else:
+    cfg = importer.as_model_config(size).copy_and_resolve_references()
+  dtype = jnp.dtype(dtype)
+  if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f'dtype={dtype}: use jnp.float32 or jnp.bfloat16')
+  cfg.compute_dtype = dtype.name
+  cfg.dropout = 0.0
+  return cfg
+
+
+class _Loaded:
+  """A jit-compiled forward over an imported model (held as graphdef + state)."""
+
+  def __init__(self, model: nnx.Module, model_cfg, forward):
+    self.model_cfg = model_cfg
+    self.graphdef, self.state = nnx.split(model)
+    graphdef = self.graphdef
+    self._fn = jax.jit(lambda state, x, sigma: forward(nnx.merge(graphdef, state), x, sigma))
+    self._precision = 'float32' if model_cfg.compute_dtype == 'float32' else None
+
+  @property
+  def model(self) -> nnx.Module:
+    return nnx.merge(self.graphdef, self.state)
+
+  def _run(self, x, sigma):
+    x = jnp.asarray(x)
+    if x.ndim not in (2, 3):
+      raise ValueError(f'input has shape {x.shape}: pass ids (B, L) or probabilities (B, L, V)')
+    if x.ndim == 3 and x.shape[-1] != self.model_cfg.vocab_size:
+      raise ValueError(f'soft input has {x.shape[-1]} classes but the model has vocab '
+                       f'{self.model_cfg.vocab_size}')
+    sigma_B = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32).reshape(-1), (x.shape[0],))
+    if self._precision:
+      with jax.default_matmul_precision(self._precision):
+        return self._fn(self.state, x, sigma_B)
+    return self._fn(self.state, x, sigma_B)
+
+
+class Denoiser(_Loaded):
+  """(ids_BxL | probs_BxLxV, sigma_B) -> raw logits_BxLxV (no SUBS, as the official DiT)."""
+
+  def __call__(self, x, sigma) -> Array:
+    return self._run(x, sigma)
+
+
+class DiscriminatorFn(_Loaded):
+  """(ids_BxL | probs_BxLxV, sigma_B) -> logits_BxL (eval mode: stored spectral u, v)."""
+
+  def __call__(self, x, sigma) -> Array:
+    return self._run(x, sigma)
+
+
+def load_denoiser(source: str, dtype=jnp.float32, size: Union[None, str, object] = None, *,
+                  network: str = 'auto', weights: str = 'ema', length: int = 1024) -> Denoiser:
+  """A DiT denoiser from a checkpoint (the student EMA of a DiDi source, else the teacher).
+
+  size: None infers the sizes from tensor shapes; a preset name ('small', ...) or a model config.
+  network / weights: see importer.import_dit.
+  """
+  src = importer.open_source(source)
+  cfg = _model_config(src, names.DIT, size, dtype, length)
+  if network == 'auto':
+    network = 'student_ema' if importer.is_didi(src) else 'teacher'
+  model = importer.load_params(src, cfg, network, weights=weights)
+  return Denoiser(model, cfg, lambda m, x, s: m(x, s))
+
+
+def load_discriminator(source: str, dtype=jnp.float32, size: Union[None, str, object] = None, *,
+                       length: int = 1024) -> DiscriminatorFn:
+  """The DiDi discriminator from a checkpoint: per-token logits (high = real), eval mode."""
+  src = importer.open_source(source)
+  cfg = _model_config(src, names.DISCRIMINATOR, size, dtype, length)
+  model = importer.load_params(src, cfg, 'discriminator')
+  return DiscriminatorFn(model, cfg, lambda m, x, s: m(x, s, update_spectral=False))
+

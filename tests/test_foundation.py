@@ -1,0 +1,188 @@
+"""Schedule, masking, SUBS, NELBO, DiT invariants, configs."""
+import glob
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from didi_jax import config as config_lib
+from didi_jax import diffusion
+from didi_jax.models.discriminator import Discriminator, trainable_mask
+from didi_jax.models.dit import DiT, count_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_cfg(vocab=20, length=8, dtype='float32'):
+  cfg = config_lib.model_config('tiny', vocab_size=vocab, length=length)
+  cfg.compute_dtype = dtype
+  return cfg
+
+
+def randomize(model, seed=0, scale=0.2):
+  """Makes zero-initialised weights (adaLN, output layer) non-zero so tests mean something."""
+  params = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  new = [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  nnx.update(model, jax.tree.unflatten(treedef, new))
+  return model
+
+
+def test_schedule_closed_forms():
+  t = jnp.linspace(0.01, 1.0, 50)
+  np.testing.assert_allclose(diffusion.alpha(t), 1 - 0.999 * t, rtol=1e-6)
+  np.testing.assert_allclose(diffusion.sigma(t), -np.log(1 - 0.999 * np.asarray(t)), rtol=1e-5)
+  np.testing.assert_allclose(diffusion.loss_weight(t), 1.0 / np.asarray(t), rtol=1e-5)
+  assert abs(float(diffusion.alpha(1.0)) - 1e-3) < 1e-9
+  assert abs(float(diffusion.sigma(1.0)) - 6.9078) < 1e-4
+
+
+def test_masking_rate_matches_schedule():
+  key = jax.random.PRNGKey(0)
+  x = jnp.zeros((4, 20000), jnp.int32)
+  t = jnp.array([0.1, 0.4, 0.7, 1.0])
+  z = diffusion.forward_mask(key, x, t, mask_id=9)
+  rate = np.asarray(jnp.mean(z == 9, axis=1))
+  want = 1 - np.asarray(diffusion.alpha(t))
+  sd = np.sqrt(want * (1 - want) / 20000)
+  assert np.all(np.abs(rate - want) < 5 * sd + 1e-6)
+
+
+def test_antithetic_times_cover_unit_interval():
+  t = np.sort(np.asarray(diffusion.antithetic_times(jax.random.PRNGKey(3), 8)))
+  u = (t - 1e-3) / (1 - 1e-3)
+  np.testing.assert_allclose(np.diff(u), 1 / 8, atol=1e-6)
+
+
+def test_subs_excludes_mask_and_carries_revealed():
+  V, m = 6, 5
+  logits = jax.random.normal(jax.random.PRNGKey(0), (2, 4, V))
+  z = jnp.array([[m, 1, m, 3], [0, m, m, m]])
+  lp = np.asarray(diffusion.subs_logprobs(logits, z, m))
+  p = np.exp(lp)
+  assert np.all(p[..., m] == 0)                      # [MASK] never predicted
+  np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
+  for b in range(2):
+    for i in range(4):
+      if int(z[b, i]) != m:
+        assert p[b, i, int(z[b, i])] == 1.0            # carry-over
+  ref = np.asarray(logits[0, 0, :m]) - np.log(np.exp(np.asarray(logits[0, 0, :m])).sum())
+  np.testing.assert_allclose(lp[0, 0, :m], ref, rtol=1e-5)
+
+
+def test_nelbo_matches_numpy_on_tiny_model():
+  cfg = tiny_cfg()
+  model = randomize(DiT(cfg, rngs=nnx.Rngs(0)))
+  m = cfg.vocab_size - 1
+  key = jax.random.PRNGKey(1)
+  x = jax.random.randint(key, (3, 8), 0, m)
+  t = jnp.array([0.2, 0.5, 0.9])
+  z = diffusion.forward_mask(jax.random.PRNGKey(2), x, t, m)
+  logits = model(z, jnp.zeros(3))
+  got = np.asarray(diffusion.nelbo_per_token(logits, z, x, t, m))
+  lg = np.asarray(logits, np.float64)
+  lg[..., m] = -np.inf
+  logp = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+      lg.max(-1, keepdims=True)
+  xn, zn, tn = np.asarray(x), np.asarray(z), np.asarray(t)
+  want = np.zeros(xn.shape)
+  for b in range(3):
+    for i in range(8):
+      if zn[b, i] == m:
+        want[b, i] = -(1.0 / tn[b]) * logp[b, i, xn[b, i]]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fresh_dit_outputs_zero_logits():
+  cfg = tiny_cfg()
+  model = DiT(cfg, rngs=nnx.Rngs(0))
+  out = model(jnp.zeros((2, 8), jnp.int32), jnp.array([0.0, 1.0]))
+  assert out.shape == (2, 8, cfg.vocab_size)
+  assert float(jnp.max(jnp.abs(out))) == 0.0
+
+
+def test_soft_onehot_input_reproduces_id_input():
+  cfg = tiny_cfg()
+  model = randomize(DiT(cfg, rngs=nnx.Rngs(0)))
+  ids = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 0, cfg.vocab_size)
+  sigma = jnp.array([0.0, 1.3])
+  onehot = jax.nn.one_hot(ids, cfg.vocab_size) * (1 - 1e-6) + 1e-6 / cfg.vocab_size
+  a = model(ids, sigma)
+  b = model(onehot, sigma)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
+  assert float(jnp.max(jnp.abs(a))) > 0.1
+
+
+def test_sigma_conditioning_changes_output_only_when_trained():
+  cfg = tiny_cfg()
+  model = randomize(DiT(cfg, rngs=nnx.Rngs(0)))
+  ids = jnp.zeros((1, 8), jnp.int32)
+  a, b = model(ids, jnp.array([0.0])), model(ids, jnp.array([2.0]))
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-4
+
+
+def test_param_counts_match_official():
+  small = config_lib.model_config('small')
+  dit = nnx.eval_shape(lambda: DiT(small, rngs=nnx.Rngs(0)))
+  assert count_params(dit) == 169_627_218
+  disc = nnx.eval_shape(lambda: Discriminator(small, rngs=nnx.Rngs(0)))
+  assert count_params(disc) == 131_371_265
+  params = nnx.state(disc, nnx.Param)
+  mask = trainable_mask(params, 12, 4)
+  n = sum(int(x.size) for x, t in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if t)
+  assert n == 31_302_145
+  medium = config_lib.model_config('medium')
+  assert count_params(nnx.eval_shape(lambda: DiT(medium, rngs=nnx.Rngs(0)))) == 424_477_010
+
+
+def _config_files():
+  out = []
+  for path in sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py'))):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    doc = mod.__doc__ or ''
+    presets = ['']
+    for line in doc.splitlines():
+      words = line.split()
+      if words and words[0].isidentifier() and words[0] not in ('python', 'Presets') and \
+          line.startswith('  ') and not line.startswith('     '):
+        presets.append(words[0])
+    out += [(path, mod, p) for p in dict.fromkeys(presets)]
+  return out
+
+
+@pytest.mark.parametrize('path,mod,preset', _config_files(),
+                         ids=lambda v: os.path.basename(v) if isinstance(v, str) else None)
+def test_every_config_and_preset_validates(path, mod, preset):
+  del path
+  cfg = mod.get_config(preset)
+  if cfg.teacher.checkpoint and not os.path.exists(cfg.teacher.checkpoint):
+    cfg.teacher.checkpoint = ''           # shipped asset checked separately
+  config_lib.validate(cfg)
+
+
+def test_bad_configs_give_one_line_errors():
+  cfg = config_lib.base_config()
+  cfg.job = 'fly'
+  with pytest.raises(config_lib.ConfigError, match=r"--config.job='fly' is not valid"):
+    config_lib.validate(cfg)
+  cfg = config_lib.base_config()
+  cfg.model.vocab_size = 50257
+  with pytest.raises(config_lib.ConfigError, match='model.vocab_size=50258'):
+    config_lib.validate(cfg)
+  cfg = config_lib.base_config()
+  cfg.teacher.checkpoint = '/nope/teacher.ckpt'
+  with pytest.raises(config_lib.ConfigError, match='does not exist'):
+    config_lib.validate(cfg)
+  cfg = config_lib.base_config()
+  cfg.data.source, cfg.data.paths = 'text', ''
+  with pytest.raises(config_lib.ConfigError, match='data.paths'):
+    config_lib.validate(cfg)
+  with pytest.raises(AttributeError):
+    cfg.model.nope = 1 if cfg.is_locked else cfg.lock().model.__setattr__('nope', 1)
