@@ -134,6 +134,8 @@ def base_config() -> ml_collections.ConfigDict:
       label_smoothing=0.1,
       disc_unfreeze_blocks=4,
       t0=1e-3,                    # end time of the two-step training rollout
+      loss_chunk_len=64,          # positions per fused-loss chunk (0 = whole sequence; the
+                                  # largest divisor of L not above it is used)
       log_every=10,
       sample_every=500,           # small 8/16-NFE sample with judge-free statistics
       sample_count=8,
@@ -153,6 +155,8 @@ def base_config() -> ml_collections.ConfigDict:
       top_p=1.0,
       temperature=1.0,
       t_min=1e-5,
+      sparse_reveal=False,        # reveal first, project only the revealed rows (ancestral, subs)
+      sparse_capacity=1.3,        # rows per step = factor * B * L / N (dense fallback beyond)
       rgas=ml_collections.ConfigDict(dict(
           num_candidates=4, h_start=30.0, h_end=40.0, rerank_ratio=0.5, tilt_clip=1.0,
           rerank_temperature=1.0, rerank_reward='sum_all')),
@@ -299,6 +303,21 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     path = _get(cfg, key)
     if path and not path.startswith('hf:') and not os.path.exists(os.path.expanduser(path)):
       raise ConfigError(f'{key}={path!r} does not exist: fix the path (or use hf:ORG/NAME)')
+  if d.real_source == 'teacher_samples' and \
+      d.teacher_buffer.size < d.batch_size * d.group_size:
+    raise ConfigError('distill.teacher_buffer.size must be >= distill.batch_size * group_size')
+  if not 0 <= d.disc_warmup_steps < d.num_iterations:
+    raise ConfigError('distill.disc_warmup_steps must lie in [0, distill.num_iterations)')
+  if d.optim.student.warmup_steps >= d.num_iterations - d.disc_warmup_steps:
+    raise ConfigError(f'distill.optim.student.warmup_steps={d.optim.student.warmup_steps} must be '
+                      'below num_iterations - disc_warmup_steps: lower the warm-up')
+  if s.sparse_reveal and (s.kind != 'ancestral' or s.student_output != 'subs'):
+    raise ConfigError("sampler.sparse_reveal needs sampler.kind='ancestral' and "
+                      "student_output='subs'")
+  if not 0 < s.t_min < 1:
+    raise ConfigError(f'sampler.t_min={s.t_min} must lie in (0, 1)')
+  if s.rgas.tilt_clip <= 0 or s.rgas.rerank_temperature <= 0:
+    raise ConfigError('sampler.rgas.tilt_clip and rerank_temperature must be positive')
   if d.init == 'checkpoint' and not d.init_checkpoint:
     raise ConfigError('distill.init=checkpoint needs --config.distill.init_checkpoint=PATH')
   return cfg

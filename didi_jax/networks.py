@@ -1,0 +1,153 @@
+"""Loading networks by source, for every job.
+
+A source is one of:
+  * a didi_jax workdir (or its `checkpoints/` dir) written by `pretrain` or `distill`: the orbax
+    checkpoint is restored and the named network taken from it (teacher: EMA or raw weights per
+    `teacher.weights`; student / student_ema / discriminator from a distillation);
+  * anything `didi_jax.checkpoint.importer` reads: official Lightning `.ckpt`, HF safetensors
+    folders, `hf:ORG/NAME`, our exported `.safetensors` / `.npz`.
+Returned parameters are `nnx.State`s matching `nnx.split(model, nnx.Param)` of the model built
+from the returned model config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from didi_jax.checkpoint.manager import Manager
+
+
+@dataclasses.dataclass
+class Network:
+  """A loaded network: its model config, graphdef and parameter states."""
+  role: str                      # teacher | student | student_ema | discriminator | ar
+  model_cfg: ml_collections.ConfigDict
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  spectral: Optional[nnx.State] = None
+  source: str = ''
+
+  def model(self):
+    if self.spectral is not None:
+      return nnx.merge(self.graphdef, self.params, self.spectral)
+    return nnx.merge(self.graphdef, self.params)
+
+
+def checkpoint_dir(source: str) -> Optional[str]:
+  """The orbax checkpoint dir of a didi_jax workdir (or the dir itself), else None."""
+  source = os.path.expanduser(source)
+  if not os.path.isdir(source):
+    return None
+  cand = os.path.join(source, 'checkpoints')
+  for d in (cand, source):
+    if os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d)):
+      return d
+  return None
+
+
+def read_workdir_config(source: str) -> tuple[ml_collections.ConfigDict, Manager]:
+  ckpt = checkpoint_dir(source)
+  if ckpt is None:
+    raise FileNotFoundError(f'{source} holds no didi_jax checkpoint: run the job there first, or '
+                            'point at a checkpoint file / hf:ORG/NAME')
+  mngr = Manager(ckpt, async_save=False)
+  meta = mngr.read_meta()
+  if 'config' not in meta:
+    raise FileNotFoundError(f'{ckpt} has no config in its metadata: it was not written by '
+                            'didi_jax pretrain/distill')
+  return ml_collections.ConfigDict(meta['config']), mngr
+
+
+def _model_cfg(model_dict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(model_dict))
+
+
+def _build(model_cfg, discriminator: bool = False):
+  from didi_jax.models.discriminator import Discriminator, Spectral  # pylint: disable=import-outside-toplevel
+  from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
+  if discriminator:
+    abstract = nnx.eval_shape(lambda: Discriminator(model_cfg, rngs=nnx.Rngs(0)))
+    gd, params, spectral = nnx.split(abstract, nnx.Param, Spectral)
+    return gd, params, spectral
+  abstract = pretrain.abstract_model(model_cfg)
+  gd, params = nnx.split(abstract, nnx.Param)
+  return gd, params, None
+
+
+def load(source: str, role: str, model_cfg=None, *, weights: str = 'ema') -> Network:
+  """Loads network `role` from `source` (see the module docstring)."""
+  if role not in ('teacher', 'student', 'student_ema', 'discriminator', 'ar'):
+    raise ValueError(f'unknown network role {role!r}')
+  ckpt = checkpoint_dir(source)
+  if ckpt is not None:
+    return _load_workdir(source, role, weights)
+  from didi_jax.checkpoint import importer  # pylint: disable=import-outside-toplevel
+  src = importer.open_source(source)
+  if model_cfg is None:
+    model_cfg = importer.source_model_config(src)
+  model_cfg = _model_cfg(model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else model_cfg)
+  if role == 'discriminator':
+    params_d, spectral_d = importer.import_discriminator(src, model_cfg)
+    gd, params, spectral = _build(model_cfg, discriminator=True)
+    params = _fill(params, params_d)
+    spectral = _fill(spectral, spectral_d)
+    return Network(role, model_cfg, gd, params, spectral, source)
+  network = {'teacher': 'auto', 'student': 'student', 'student_ema': 'student_ema'}.get(role,
+                                                                                        'auto')
+  params_d = importer.import_dit(src, model_cfg, network=network, weights=weights)
+  gd, params, _ = _build(model_cfg)
+  return Network(role, model_cfg, gd, _fill(params, params_d), None, source)
+
+
+def _fill(abstract_state, pure):
+  state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_state)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+  return state
+
+
+def _load_workdir(source: str, role: str, weights: str) -> Network:
+  cfg, mngr = read_workdir_config(source)
+  job = mngr.read_meta().get('job')
+  model_cfg = _model_cfg(cfg.model.to_dict())
+  if job == 'pretrain':
+    if role not in ('teacher', 'ar'):
+      raise ValueError(f'{source} is a pre-training run: it holds a teacher, not a {role}')
+    from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
+    tx = pretrain.make_optimizer(cfg.pretrain)
+    gd, abstract_params, _ = _build(model_cfg)
+    abstract = jax.eval_shape(lambda: pretrain._fresh_state_abstract(cfg, tx, abstract_params))  # pylint: disable=protected-access
+    state, _, _ = mngr.restore(abstract)
+    params = state['ema'] if weights == 'ema' else state['params']
+    mngr.close()
+    return Network(role, model_cfg, gd, params, None, source)
+  if job == 'distill':
+    from didi_jax.train import distill_state as ds  # pylint: disable=import-outside-toplevel
+    abstract = abstract_distill_state(cfg)
+    state, _, _ = mngr.restore(abstract)
+    mngr.close()
+    student_gd, disc_gd = ds.make_graphdefs(cfg)
+    if role in ('student', 'student_ema', 'teacher'):
+      params = state.ema if role in ('student_ema', 'teacher') else state.student
+      gd, _, _ = _build(model_cfg)
+      return Network(role, model_cfg, gd, params, None, source)
+    if role == 'discriminator':
+      merged = nnx.merge(disc_gd, state.disc_train, state.disc_frozen, state.spectral)
+      from didi_jax.models.discriminator import Spectral  # pylint: disable=import-outside-toplevel
+      gd, params, spectral = nnx.split(merged, nnx.Param, Spectral)
+      return Network(role, model_cfg, gd, params, spectral, source)
+    raise ValueError(f'{source} is a distillation run: it holds no {role} network')
+  raise ValueError(f'{source}: unknown job {job!r} in checkpoint metadata')
+
+
+def abstract_distill_state(cfg):
+  from didi_jax.train import distill_state as ds  # pylint: disable=import-outside-toplevel
+  model_cfg = _model_cfg(cfg.model.to_dict())
+  _, abstract_params, _ = _build(model_cfg)
+  return jax.eval_shape(lambda p: ds.init_distill_state(cfg, p, jax.random.PRNGKey(0)),
+                        abstract_params)
