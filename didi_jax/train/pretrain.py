@@ -30,7 +30,7 @@ def build_model(model_cfg, seed: int = 0):
     from didi_jax.models.dit import DiT  # pylint: disable=import-outside-toplevel
     return DiT(model_cfg, rngs=nnx.Rngs(seed))
   from didi_jax.models import causal_lm  # pylint: disable=import-outside-toplevel
-  return causal_lm.ar_model_from_config(model_cfg, rngs=nnx.Rngs(seed))
+  return causal_lm.GPT2(causal_lm.GPT2Config.from_model_config(model_cfg), rngs=nnx.Rngs(seed))
 
 
 def abstract_model(model_cfg):
@@ -151,7 +151,7 @@ def _fresh_state_abstract(cfg, tx, abstract_params):
 
 
 def checkpoint_meta(cfg, job: str, extra: dict | None = None) -> dict:
-  meta = {'job': job, 'seed': int(cfg.seed), 'model': cfg.model.to_dict(),
+  meta = {'job': job, 'seed': int(cfg.seed), 'config': cfg.to_dict(),
           'data': {k: cfg.data[k] for k in ('source', 'tokenizer', 'paths')},
           'jax_version': jax.__version__, 'devices': jax.device_count()}
   meta.update(extra or {})
