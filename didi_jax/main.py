@@ -57,13 +57,17 @@ def main(argv):
   parallel.maybe_initialize_distributed()
   cfg = _CONFIG.value
   workdir = os.path.expanduser(_WORKDIR.value)
+  from didi_jax.data.sources import DataError  # pylint: disable=import-outside-toplevel
+  from didi_jax.data.packing import PackingError  # pylint: disable=import-outside-toplevel
+  from didi_jax.checkpoint.importer import CheckpointError as ImportError_  # pylint: disable=import-outside-toplevel
+  from didi_jax.checkpoint.manager import CheckpointError  # pylint: disable=import-outside-toplevel
   try:
     summary = run_job(cfg, workdir)
   except ConfigError as e:
-    print(f'config error: {e}', file=sys.stderr)
+    print(f'config error: {_one_line(e)}', file=sys.stderr)
     sys.exit(2)
-  except FileNotFoundError as e:
-    print(f'error: {e}', file=sys.stderr)
+  except (FileNotFoundError, DataError, PackingError, ImportError_, CheckpointError) as e:
+    print(f'error: {_one_line(e)}', file=sys.stderr)
     sys.exit(2)
   if summary is not None:
     import jax  # pylint: disable=import-outside-toplevel
@@ -71,8 +75,47 @@ def main(argv):
       print('summary: ' + json.dumps(summary, default=str), flush=True)
 
 
+def _parse_flags(argv):
+  """absl flag parsing with one-line errors for unknown config keys, bad presets, missing files."""
+  try:
+    rest = flags.FLAGS(argv)
+    if flags.FLAGS['config'].present or flags.FLAGS.config is not None:
+      _ = _CONFIG.value.job               # config files load lazily: surface errors now
+    return rest
+  except flags.Error as e:
+    print(f'error: {_condense(e)}', file=sys.stderr)
+    sys.exit(2)
+  except OSError as e:
+    print(f'error: cannot load the config: {_condense(e)} (paths are relative to the current '
+          'directory, e.g. --config=configs/demo.py)', file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError) as e:
+    bad = [a for a in argv[1:] if a.startswith('--config.')]
+    key = str(e).strip('"\'')
+    print(f'config error: unknown config key {key!r} in {" ".join(bad) or argv[1:]}: check the '
+          'spelling against didi_jax/config.py (base_config) or configs/*.py', file=sys.stderr)
+    sys.exit(2)
+  except ValueError as e:
+    print(f'config error: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _one_line(e: Exception) -> str:
+  return ' '.join(str(e).split())
+
+
+def _condense(e: Exception) -> str:
+  """The innermost 'SomeError: message' of a (possibly nested) error text, on one line."""
+  import re  # pylint: disable=import-outside-toplevel
+  text = str(e)
+  found = re.findall(r'(?:\w+Error|Errno \d+\]): (.+)', text)
+  if found:
+    return found[-1].strip()
+  return ' '.join(text.split())[:400]
+
+
 def run_cli():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

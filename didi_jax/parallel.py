@@ -76,7 +76,7 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
       raise ValueError(f'mesh {dict(zip(AXES, sizes))} does not divide {num_devices} devices: '
                        'choose mesh.fsdp/mesh.tensor that divide the device count')
     sizes[sizes.index(-1)] = num_devices // known
-  if int(np.prod(sizes)) != num_devices:
+  if int(np.prod(sizes)) > num_devices:
     raise ValueError(f'mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices but '
                      f'{num_devices} are present: set --config.mesh.data=-1 or sizes whose '
                      'product is the device count')
@@ -86,6 +86,13 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
+  used = int(np.prod(shape))
+  if used < len(devices):
+    if jax.process_count() > 1:
+      raise ValueError(f'mesh {dict(zip(AXES, shape))} uses {used} of {len(devices)} devices: '
+                       'multi-host runs must use every device (set one mesh axis to -1)')
+    logging.warning('mesh %s uses %d of %d devices', dict(zip(AXES, shape)), used, len(devices))
+    devices = devices[:used]
   try:
     from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
     arr = mesh_utils.create_device_mesh(shape, devices=devices)

@@ -1,0 +1,178 @@
+"""The command line: help, one-line errors, exact resume (pretrain and distill), SIGTERM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs import demo
+from didi_jax import main as cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ('the king of all our tears shall speak with love and fire upon a night '
+         'when honour falls and sweet words come to thee my lord').split()
+
+
+def make_corpus(path, n_docs=12, words=400, seed=0):
+  rng = np.random.RandomState(seed)
+  os.makedirs(path, exist_ok=True)
+  for i in range(n_docs):
+    ws = list(rng.choice(WORDS, words))
+    lines = [' '.join(ws[j:j + 12]).capitalize() + '.' for j in range(0, words, 12)]
+    with open(os.path.join(path, f'doc{i:02d}.txt'), 'w', encoding='utf-8') as f:
+      f.write('\n'.join(lines) + '\n')
+  return os.path.join(path, '*.txt')
+
+
+def smoke_cfg(tmp_path, **over):
+  cfg = demo.get_config('smoke')
+  cfg.data.source = 'text'
+  cfg.data.paths = make_corpus(str(tmp_path / 'corpus'))
+  cfg.data.cache_dir = str(tmp_path / 'cache')
+  cfg.mesh.data = 1                # tests see 8 fake devices; these runs use one
+  cfg.model.length = 32
+  cfg.pretrain.batch_size = 4
+  cfg.pretrain.log_every = 1
+  cfg.pretrain.eval_every = 1000
+  cfg.checkpoint.async_save = False
+  for k, v in over.items():
+    node = cfg
+    parts = k.split('.')
+    for p in parts[:-1]:
+      node = node[p]
+    node[parts[-1]] = v
+  return cfg
+
+
+def read_metrics(workdir, key='loss'):
+  rows = {}
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    for line in f:
+      r = json.loads(line)
+      if key in r:
+        rows[r['step']] = r[key]
+  return rows
+
+
+def env():
+  e = dict(os.environ)
+  e['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  e['PYTHONPATH'] = ROOT
+  return e
+
+
+def test_help_lists_jobs_and_configs():
+  out = subprocess.run([sys.executable, '-m', 'didi_jax.main', '--help'], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=120)
+  text = out.stdout + out.stderr
+  for word in ('pretrain', 'distill', 'sample', 'evaluate', 'sweep', 'pipeline',
+               'configs/demo.py:smoke', 'configs/owt.py:teacher'):
+    assert word in text
+
+
+@pytest.mark.parametrize('args,fragment', [
+    (['--config=configs/demo.py:smoke', '--config.model.nope=3'], "unknown config key 'nope'"),
+    (['--config=configs/demo.py:smokee'], "unknown preset 'smokee'"),
+    (['--config=configs/demo.py:smoke', '--config.teacher.checkpoint=/no/such/file'],
+     'does not exist'),
+    (['--config=configs/demo.py:smoke', '--config.sampler.kind=magic'], 'is not valid'),
+    (['--config=configs/demo.py:smoke', '--config.data.source=text'], 'data.paths'),
+])
+def test_bad_inputs_fail_with_one_line(tmp_path, args, fragment):
+  out = subprocess.run([sys.executable, '-m', 'didi_jax.main', f'--workdir={tmp_path}'] + args,
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
+  assert len(lines) == 1, out.stderr
+  assert fragment in lines[0]
+
+
+def test_missing_data_file_is_one_line(tmp_path):
+  out = subprocess.run([sys.executable, '-m', 'didi_jax.main', f'--workdir={tmp_path}/w',
+                        '--config=configs/demo.py:smoke', '--config.data.source=text',
+                        f'--config.data.paths={tmp_path}/nothing/*.txt', '--config.job=pretrain'],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
+  assert len(lines) == 1 and 'nothing' in lines[0], out.stderr
+
+
+def test_pretrain_resume_equals_uninterrupted(tmp_path, capsys):
+  full = str(tmp_path / 'full')
+  cli.run_job(smoke_cfg(tmp_path, **{'job': 'pretrain', 'pretrain.num_steps': 6}), full)
+  part = str(tmp_path / 'part')
+  cli.run_job(smoke_cfg(tmp_path, **{'job': 'pretrain', 'pretrain.num_steps': 3}), part)
+  out = cli.run_job(smoke_cfg(tmp_path, **{'job': 'pretrain', 'pretrain.num_steps': 6}), part)
+  assert out['step'] == 6
+  a, b = read_metrics(full), read_metrics(part)
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+  for s in range(1, 7):
+    assert a[s] == b[s], (s, a[s], b[s])        # bit-identical continuation
+  capsys.readouterr()
+  again = cli.run_job(smoke_cfg(tmp_path, **{'job': 'pretrain', 'pretrain.num_steps': 6}), part)
+  assert again['complete'] and 'complete' in capsys.readouterr().out
+  assert os.path.isdir(os.path.join(part, 'checkpoints', '6'))
+
+
+def test_distill_resume_equals_uninterrupted(tmp_path, monkeypatch):
+  teacher = str(tmp_path / 'teacher')
+  cli.run_job(smoke_cfg(tmp_path, **{'job': 'pretrain', 'pretrain.num_steps': 2}), teacher)
+  over = {'job': 'distill', 'teacher.checkpoint': teacher, 'distill.batch_size': 2,
+          'distill.log_every': 1, 'distill.sample_every': 0, 'distill.num_iterations': 4,
+          'distill.optim.student.lr': 1e-3, 'distill.optim.disc.lr': 1e-3}
+  full = str(tmp_path / 'full')
+  cli.run_job(smoke_cfg(tmp_path, **over), full)
+  part = str(tmp_path / 'part')
+  from didi_jax.train import common
+
+  class StopAfterTwo(common.StopFlag):       # as if SIGTERM arrived during iteration 2
+    calls = 0
+
+    def should_stop(self):
+      StopAfterTwo.calls += 1
+      return StopAfterTwo.calls >= 2
+  monkeypatch.setattr(common, 'StopFlag', StopAfterTwo)
+  out = cli.run_job(smoke_cfg(tmp_path, **over), part)
+  assert out['step'] == 2 and not out['complete']
+  monkeypatch.undo()
+  cli.run_job(smoke_cfg(tmp_path, **over), part)
+  for key in ('d_loss', 'student_loss', 'reward_mean', 'kl_lo'):
+    a, b = read_metrics(full, key), read_metrics(part, key)
+    assert sorted(a) == [1, 2, 3, 4]
+    assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)], key
+  assert read_metrics(full, 'kl_lo')[4] > 0      # the student moved away from the teacher
+
+
+def test_sigterm_saves_and_resumes(tmp_path):
+  corpus = make_corpus(str(tmp_path / 'corpus'))
+  work = str(tmp_path / 'run')
+  args = [sys.executable, '-m', 'didi_jax.main', '--config=configs/demo.py:smoke',
+          f'--workdir={work}', '--config.job=pretrain', '--config.data.source=text',
+          f'--config.data.paths={corpus}', f'--config.data.cache_dir={tmp_path}/cache',
+          '--config.model.length=32', '--config.pretrain.batch_size=4',
+          '--config.pretrain.log_every=1', '--config.pretrain.eval_every=100000',
+          '--config.checkpoint.every=100000', '--config.pretrain.num_steps=100000']
+  proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  metrics = os.path.join(work, 'metrics.jsonl')
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    if os.path.exists(metrics) and len(open(metrics, encoding='utf-8').readlines()) >= 3:
+      break
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=240)
+  assert proc.returncode == 0, out
+  assert 'saving a checkpoint' in out
+  steps = [int(d) for d in os.listdir(os.path.join(work, 'checkpoints')) if d.isdigit()]
+  assert steps, out
+  stopped = max(steps)
+  args[-1] = f'--config.pretrain.num_steps={stopped + 2}'
+  out2 = subprocess.run(args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+  assert out2.returncode == 0, out2.stdout + out2.stderr
+  assert f'resuming from' in out2.stdout
+  assert max(read_metrics(work)) == stopped + 2
