@@ -16,7 +16,8 @@ an official SRC, official from ours):
 --role picks the networks: teacher, student (the student EMA, the released denoiser), discriminator,
 didi (student, student EMA, discriminator), or auto (from SRC). Sizes are inferred from the tensors
 unless --size / --vocab-size / --n-heads say otherwise; every import is checked one-to-one.
-Orbax training checkpoints are not handled here: use the pure-dict functions of importer/exporter.
+SRC may also be a didi_jax run directory (orbax checkpoints of `pretrain` or `distill`): its latest
+checkpoint is exported (a teacher: EMA weights unless --weights raw; a distillation: the roles above).
 """
 from __future__ import annotations
 
@@ -162,15 +163,54 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def read_run_groups(path: str, role: str, weights: str):
+  """(role, model config, groups) from a didi_jax run directory, or None if `path` is not one."""
+  from didi_jax import networks  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  if networks.checkpoint_dir(path) is None:
+    return None
+  cfg, mngr = networks.read_workdir_config(path)
+  job = mngr.read_meta().get('job')
+  mngr.close()
+  if job == 'pretrain':
+    if role not in ('auto', 'teacher'):
+      raise importer.CheckpointError(f'{path} is a pre-training run: it holds a teacher only')
+    net = networks.load(path, 'teacher', weights=weights)
+    return 'teacher', net.model_cfg, {'teacher': nnx.to_pure_dict(net.params)}
+  role = 'didi' if role == 'auto' else role
+  groups = {}
+  if role in ('student', 'didi'):
+    groups['student_ema'] = nnx.to_pure_dict(networks.load(path, 'student_ema').params)
+  if role == 'didi':
+    groups['student'] = nnx.to_pure_dict(networks.load(path, 'student').params)
+  if role in ('discriminator', 'didi'):
+    disc = networks.load(path, 'discriminator')
+    groups['discriminator'] = nnx.to_pure_dict(disc.params)
+    groups['discriminator_spectral'] = nnx.to_pure_dict(disc.spectral)
+  if role == 'teacher':
+    raise importer.CheckpointError(f'{path} is a distillation run: its teacher came from '
+                                   f'{cfg.teacher.checkpoint!r}, convert that instead')
+  model_cfg = networks._model_cfg(cfg.model.to_dict())  # pylint: disable=protected-access
+  return role, model_cfg, groups
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+  for noisy in ('absl', 'orbax', 'jax'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
-    src = importer.open_source(args.src)
-    role = _auto_role(src) if args.role == 'auto' else args.role
-    cfg = model_config_for(src, role, args.size, args.vocab_size, args.n_heads)
-    groups = read_groups(src, role, cfg, args.weights)
-    fmt = args.format if args.format != 'auto' else auto_format(src, args.dst)
+    run = read_run_groups(args.src, args.role, args.weights)
+    if run is not None:
+      role, cfg, groups = run
+      fmt = args.format if args.format != 'auto' else (
+          'ours' if args.dst.endswith(('.npz', '.safetensors')) else 'official')
+    else:
+      src = importer.open_source(args.src)
+      role = _auto_role(src) if args.role == 'auto' else args.role
+      cfg = model_config_for(src, role, args.size, args.vocab_size, args.n_heads)
+      groups = read_groups(src, role, cfg, args.weights)
+      fmt = args.format if args.format != 'auto' else auto_format(src, args.dst)
     if fmt == 'ours':
       if not args.dst.endswith(('.npz', '.safetensors')):
         raise importer.CheckpointError(f'{args.dst}: our format is .npz or .safetensors')
