@@ -44,6 +44,8 @@ def network_source(cfg, workdir: str, network: str, explicit: str = '') -> str:
     teacher_dir = os.path.join(workdir, 'teacher')
     if networks.checkpoint_dir(teacher_dir):
       return teacher_dir
+    raise FileNotFoundError('no teacher: set --config.teacher.checkpoint=PATH (a pretrain '
+                            'workdir, a checkpoint file or hf:ORG/NAME)')
   if networks.checkpoint_dir(workdir):
     return workdir
   raise FileNotFoundError(
@@ -89,6 +91,8 @@ def decode_all(cfg, ids_SxL: np.ndarray) -> list[str]:
 def sample_name(sampler_cfg, network: str, seed: int) -> str:
   s = sampler_cfg
   name = f'{network}_{s.kind}_nfe{s.steps}_{s.precision}_seed{seed}'
+  if not s.cache:
+    name += '_nocache'
   if s.top_p < 1:
     name += f'_topp{s.top_p:g}'
   return re.sub(r'[^A-Za-z0-9_.-]', '_', name)
@@ -104,6 +108,7 @@ def draw_samples(cfg, workdir: str, *, network: str, num_samples: int, batch_siz
   res.settings['source'] = den.source
   res.settings['seed'] = seed
   res.settings['num_samples'] = num_samples
+  res.settings['seconds'] = res.seconds
   return res
 
 

@@ -132,8 +132,11 @@ def _load_workdir(source: str, role: str, weights: str) -> Network:
     state, _, _ = mngr.restore(abstract)
     mngr.close()
     student_gd, disc_gd = ds.make_graphdefs(cfg)
-    if role in ('student', 'student_ema', 'teacher'):
-      params = state.ema if role in ('student_ema', 'teacher') else state.student
+    if role == 'teacher':
+      raise ValueError(f'{source} is a distillation run; its teacher came from '
+                       f'{cfg.teacher.checkpoint!r}: pass that as --config.teacher.checkpoint')
+    if role in ('student', 'student_ema'):
+      params = state.ema if role == 'student_ema' else state.student
       gd, _, _ = _build(model_cfg)
       return Network(role, model_cfg, gd, params, None, source)
     if role == 'discriminator':

@@ -1,0 +1,102 @@
+"""Sweep plots: Gen PPL and entropy against NFE (log-2 axis) or against FLOPs per sample.
+
+One line per (model, sampler[, precision]) series with 95% bootstrap error bars; the precision
+enters the label only when the rows hold more than one. Figures are built without pyplot (no
+global backend or figure registry is touched), so this works headless and inside notebooks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
+
+X_AXES = {
+    'nfe': ('NFE (sampler steps)', 2),
+    'tflops_per_sample': ('TFLOPs per sample', 10),
+}
+
+
+@dataclasses.dataclass
+class CurvePlot:
+  """A saved figure and the labels of its series (one line per series on each panel)."""
+  figure: Figure
+  series: list[str]
+  path: str
+
+  @property
+  def num_lines(self) -> int:
+    return len(self.series)
+
+
+def series_key(row: dict, with_precision: bool) -> tuple:
+  key = (row['model'], row['sampler'])
+  return key + (row.get('precision', 'float32'),) if with_precision else key
+
+
+def group_series(rows: Sequence[dict], x: str = 'nfe') -> dict[tuple, list[dict]]:
+  """Rows grouped by series (first-seen order), each sorted by `x`; rows without x are dropped."""
+  with_precision = len({r.get('precision', 'float32') for r in rows}) > 1
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    if r.get(x) is None or r.get('gen_ppl') is None:
+      continue
+    groups.setdefault(series_key(r, with_precision), []).append(r)
+  return {k: sorted(v, key=lambda r: r[x]) for k, v in groups.items()}
+
+
+def _errors(rows: list[dict], value: str, ci: str):
+  lo = [max(r[value] - r[ci][0], 0.0) for r in rows]
+  hi = [max(r[ci][1] - r[value], 0.0) for r in rows]
+  return [lo, hi]
+
+
+def curve(rows: Sequence[dict], path: str, *, x: str = 'nfe',
+          data_entropy: Optional[float] = None, title: str = '') -> CurvePlot:
+  """Two panels (Gen PPL, log y; entropy) against `x` ('nfe' or 'tflops_per_sample'), saved to
+  `path`."""
+  if x not in X_AXES:
+    raise ValueError(f'x={x!r} is not a sweep axis: use one of {list(X_AXES)}')
+  xlabel, base = X_AXES[x]
+  groups = group_series(rows, x)
+  fig = Figure(figsize=(11, 4.2))
+  FigureCanvasAgg(fig)
+  ax_ppl, ax_ent = fig.subplots(1, 2)
+  labels = []
+  for key, rs in groups.items():
+    parts = [str(k) for k in key]
+    if len(parts) > 1 and parts[0] == parts[1]:      # the AR baseline: model 'ar', sampler 'ar'
+      parts = parts[1:]
+    label = ' / '.join(parts)
+    labels.append(label)
+    xs = [r[x] for r in rs]
+    ax_ppl.errorbar(xs, [r['gen_ppl'] for r in rs], yerr=_errors(rs, 'gen_ppl', 'gen_ppl_ci'),
+                    marker='o', capsize=3, label=label)
+    if all(r.get('entropy') is not None for r in rs):
+      ax_ent.errorbar(xs, [r['entropy'] for r in rs], yerr=_errors(rs, 'entropy', 'entropy_ci'),
+                      marker='o', capsize=3, label=label)
+  if data_entropy is not None:
+    ax_ent.axhline(data_entropy, color='gray', linestyle='--', linewidth=1,
+                   label='validation data')
+  judges = sorted({str(r.get('judge')) for r in rows})
+  ax_ppl.set_ylabel(f'Gen PPL ({", ".join(judges)})')
+  ax_ent.set_ylabel('unigram entropy (nats)')
+  for ax in (ax_ppl, ax_ent):
+    ax.set_xscale('log', base=base)
+    if base == 2:                                    # plain step counts: 4, 8, 16, ...
+      ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel(xlabel)
+    ax.grid(True, which='both', alpha=0.3)
+    if labels:
+      ax.legend(fontsize=8)
+  if labels:
+    ax_ppl.set_yscale('log')
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  return CurvePlot(fig, labels, path)

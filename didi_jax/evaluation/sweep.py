@@ -1,0 +1,524 @@
+"""The `sweep` job (SPEC §12): Gen PPL and entropy over models × samplers × NFEs × precisions.
+
+Grid (config section `sweep`):
+  models      teacher | student | ar  (the teacher from `network_source`, the student and its
+              discriminator from this workdir — a distillation run — or `sample.checkpoint`,
+              the AR baseline from `sweep.ar_checkpoint`)
+  samplers    ancestral (DDPM-cache off) | cached (cache on) | rgas (student only)
+  nfes        student NFEs; `teacher_nfes` for the teacher; the AR row has nfe = L (KV cache)
+  precisions  float32 | float64 (float64 rows run under a scoped `jax.enable_x64`)
+
+Every row draws `eval.num_samples` samples with seed `eval.seed` (batch `sample.batch_size`) and is
+judged by one judge loaded once. Outputs in WORKDIR/sweep/: results.json (rows), results.md (table),
+curve.png (Gen PPL and entropy vs NFE) and curve_flops.png (vs TFLOPs per sample). A row whose
+settings equal a row already in results.json is reused, so a killed sweep continues where it
+stopped; rows of an earlier grid that no longer match go to results.stale.json.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import time
+from typing import Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from didi_jax import jobs, networks, parallel
+from didi_jax.data.tokenizers import get_tokenizer
+from didi_jax.evaluation import evaluate, judges, plots
+from didi_jax.sampling import categorical, cost as cost_lib, runner
+from didi_jax.train import common
+
+MODELS = ('teacher', 'student', 'ar')
+SAMPLERS = ('ancestral', 'cached', 'rgas')
+PRECISIONS = ('float32', 'float64')
+RESULTS, TABLE, STALE = 'results.json', 'results.md', 'results.stale.json'
+CURVE, CURVE_FLOPS = 'curve.png', 'curve_flops.png'
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One row of the grid."""
+  model: str        # teacher | student | ar
+  sampler: str      # ancestral | cached | rgas | ar
+  nfe: int
+  precision: str
+
+  @property
+  def label(self) -> str:
+    return f'{self.model} {self.sampler} nfe={self.nfe} {self.precision}'
+
+  @property
+  def weight(self) -> float:
+    """Relative cost for the ETA: network calls, RGAS about 3× an ancestral step, an AR
+    one-token KV-cache step about 1/8 of a full-sequence call."""
+    if self.sampler == 'ar':
+      return 1.0 + self.nfe / 8.0
+    return (self.nfe + 1) * (3.0 if self.sampler == 'rgas' else 1.0)
+
+
+def parse_list(text: str, key: str, choices: Optional[tuple] = None) -> list[str]:
+  items = [s.strip() for s in str(text).split(',') if s.strip()]
+  if choices is not None:
+    bad = [s for s in items if s not in choices]
+    if bad:
+      raise ValueError(f'--config.sweep.{key} has {bad}: use a comma list of {list(choices)}')
+  return list(dict.fromkeys(items))
+
+
+def parse_nfes(text: str, key: str) -> list[int]:
+  try:
+    nfes = [int(s) for s in parse_list(text, key)]
+  except ValueError:
+    raise ValueError(f'--config.sweep.{key}={text!r} must be a comma list of integers, e.g. '
+                     '8,16,32') from None
+  if any(n < 1 for n in nfes):
+    raise ValueError(f'--config.sweep.{key}={text!r}: every NFE must be >= 1')
+  return nfes
+
+
+# ---------------------------------------------------------------------------------- networks
+
+
+def _latest_step(source: str) -> Optional[int]:
+  ckpt = networks.checkpoint_dir(source)
+  if ckpt is None:
+    return None
+  steps = [int(n) for n in os.listdir(ckpt) if n.isdigit()]
+  return max(steps) if steps else None
+
+
+def _workdir_job(source: str) -> Optional[str]:
+  """'pretrain' / 'distill' for a didi_jax workdir, None for other sources."""
+  if networks.checkpoint_dir(source) is None:
+    return None
+  _, mngr = networks.read_workdir_config(source)
+  try:
+    return mngr.read_meta().get('job')
+  finally:
+    mngr.close()
+
+
+@dataclasses.dataclass
+class ModelEntry:
+  """A model of the sweep: where it comes from and, once loaded, its networks."""
+  name: str
+  role: str                    # network role passed to the loaders
+  source: str
+  step: Optional[int]
+  length: Optional[int] = None
+  nets: Optional[tuple] = None         # (denoiser, discriminator or None) / (GPT2, model_cfg)
+  disc_error: str = ''
+
+
+class Models:
+  """Resolves sources up front (cheap) and loads each network once, on first use."""
+
+  def __init__(self, cfg, workdir: str):
+    self.cfg, self.workdir = cfg, workdir
+    self.entries: dict[str, ModelEntry] = {}
+
+  def resolve(self, name: str) -> ModelEntry:
+    """The entry of model `name`; raises ValueError/FileNotFoundError with the fix when the
+    model cannot be swept here."""
+    cfg, workdir = self.cfg, self.workdir
+    if name == 'teacher':
+      source = jobs.network_source(cfg, workdir, 'teacher')
+      if _workdir_job(source) == 'distill':
+        raise ValueError(f'the teacher source {source} is a distillation run (its networks are the '
+                         'student): set --config.teacher.checkpoint to the teacher')
+      entry = ModelEntry('teacher', 'teacher', source, _latest_step(source))
+    elif name == 'student':
+      role = cfg.sampler.network if cfg.sampler.network in ('student', 'student_ema') \
+          else 'student_ema'
+      source = jobs.network_source(cfg, workdir, role, cfg.sample.checkpoint)
+      if _workdir_job(source) == 'pretrain':
+        raise ValueError(f'{source} is a pre-training run and holds no student: run the distill '
+                         'job there, or set --config.sample.checkpoint to a distillation run')
+      entry = ModelEntry('student', role, source, _latest_step(source))
+    else:
+      source = cfg.sweep.ar_checkpoint
+      if not source:
+        raise ValueError('no AR baseline: set --config.sweep.ar_checkpoint to a model.kind=ar '
+                         'pretrain workdir (or gpt2 / hf:ORG/NAME / a HF GPT-2 dir)')
+      if networks.checkpoint_dir(source) is not None:
+        acfg, mngr = networks.read_workdir_config(source)
+        mngr.close()
+        if acfg.model.kind != 'ar':
+          raise ValueError(f'sweep.ar_checkpoint={source} holds a {acfg.model.kind!r} model: '
+                           'point it at a model.kind=ar pretrain run')
+        length = int(acfg.model.length)
+      else:
+        if cfg.data.tokenizer != 'gpt2':
+          raise ValueError(f'the HF AR baseline {source} uses GPT-2 BPE but data.tokenizer is '
+                           f'{cfg.data.tokenizer!r}: use a didi_jax AR run with that tokenizer')
+        length = int(cfg.model.length)
+      entry = ModelEntry('ar', 'ar', source, _latest_step(source), length=length)
+    self.entries[name] = entry
+    return entry
+
+  def networks_for(self, name: str, need_disc: bool):
+    entry = self.entries[name]
+    if entry.nets is None:
+      t0 = time.time()
+      if name == 'ar':
+        entry.nets = self._load_ar(entry)
+      else:
+        den, _ = jobs.load_sampling_networks(self.cfg, self.workdir, entry.role, 'ancestral',
+                                             entry.source)
+        entry.nets = (den, None)
+        entry.length = int(den.model_cfg.length)
+      print(f'sweep: loaded {name} ({entry.role}) from {entry.source} in '
+            f'{time.time() - t0:.1f}s', flush=True)
+    if need_disc and entry.nets[1] is None and not entry.disc_error:
+      try:
+        entry.nets = (entry.nets[0], networks.load(entry.source, 'discriminator'))
+      except (FileNotFoundError, ValueError, KeyError) as err:
+        entry.disc_error = f'no discriminator in {entry.source}: {err}'
+    if need_disc and entry.disc_error:
+      raise ValueError(entry.disc_error)
+    return entry.nets
+
+  def _load_ar(self, entry: ModelEntry):
+    from didi_jax.models import causal_lm  # pylint: disable=import-outside-toplevel
+    tok = get_tokenizer(self.cfg.data.tokenizer)
+    if networks.checkpoint_dir(entry.source) is not None:
+      net = networks.load(entry.source, 'ar', weights=self.cfg.teacher.weights)
+      model, model_cfg = net.model(), net.model_cfg
+    else:
+      model = causal_lm.load_gpt2(entry.source)
+      c = model.cfg
+      model_cfg = ml_collections.ConfigDict(dict(
+          kind='ar', hidden_size=c.d_model, n_blocks=c.n_layer, n_heads=c.n_head,
+          mlp_dim=c.d_mlp, vocab_size=c.vocab_size, length=entry.length))
+    if int(model_cfg.vocab_size) != tok.vocab_size:
+      raise ValueError(f'the AR baseline has vocabulary {model_cfg.vocab_size} but tokenizer '
+                       f'{self.cfg.data.tokenizer!r} has {tok.vocab_size}: set '
+                       '--config.data.tokenizer to the one it was trained with')
+    return model, model_cfg
+
+
+# ------------------------------------------------------------------------------------ grid
+
+
+def plan(cfg, models: Models) -> tuple[list[Cell], list[str]]:
+  """(cells to run, skip reasons) for the configured grid."""
+  s = cfg.sweep
+  names = parse_list(s.models, 'models', MODELS)
+  samplers = parse_list(s.samplers, 'samplers', SAMPLERS)
+  precisions = parse_list(s.precisions, 'precisions', PRECISIONS)
+  nfes, teacher_nfes = parse_nfes(s.nfes, 'nfes'), parse_nfes(s.teacher_nfes, 'teacher_nfes')
+  if not names or not precisions:
+    raise ValueError('the sweep grid is empty: set --config.sweep.models and sweep.precisions')
+  cells, skipped = [], []
+  for name in names:
+    try:
+      entry = models.resolve(name)
+    except (FileNotFoundError, ValueError) as err:
+      skipped.append(f'{name}: {err}')
+      continue
+    if name == 'ar':
+      cells += [Cell('ar', 'ar', int(entry.length), p) for p in precisions]
+      continue
+    if not samplers:
+      raise ValueError('--config.sweep.samplers is empty: use a comma list of '
+                       f'{list(SAMPLERS)}')
+    for sampler in samplers:
+      if name == 'teacher' and sampler == 'rgas':
+        skipped.append('teacher × rgas: a teacher has no discriminator (RGAS is for the student)')
+        continue
+      for p in precisions:
+        cells += [Cell(name, sampler, n, p) for n in (teacher_nfes if name == 'teacher' else nfes)]
+  return cells, skipped
+
+
+def row_sampler_config(cfg, cell: Cell):
+  """cfg.sampler with the cell's kind, steps, cache and precision."""
+  sc = copy.deepcopy(cfg.sampler)
+  with sc.unlocked():
+    sc.kind = 'rgas' if cell.sampler == 'rgas' else 'ancestral'
+    sc.steps = int(cell.nfe)
+    sc.precision = cell.precision
+    if cell.sampler in ('ancestral', 'cached'):
+      sc.cache = cell.sampler == 'cached'
+  return sc
+
+
+def _x64(cell: Cell):
+  return jax.enable_x64(True) if cell.precision == 'float64' else contextlib.nullcontext()
+
+
+def cell_settings(cfg, cell: Cell, entry: ModelEntry) -> dict:
+  """Everything that moves a row's numbers (the resume key), JSON-normalised."""
+  sc = row_sampler_config(cfg, cell)
+  with _x64(cell):
+    x64 = bool(jax.config.jax_enable_x64)
+  if cell.model == 'ar':
+    sampler = {'sampler': 'ar', 'nfe': cell.nfe,
+               'regime': categorical.Regime.from_config(sc).as_dict(),
+               'top_p': float(sc.top_p), 'temperature': float(sc.temperature)}
+  else:
+    sampler = runner.sampler_settings(sc, entry.role, cell.nfe)
+    sampler['t_min'] = float(sc.t_min)
+    sampler['sparse_capacity'] = float(sc.get('sparse_capacity', 0.0))
+  e = cfg.eval
+  out = {'model': cell.model, 'sampler_name': cell.sampler, 'nfe': cell.nfe,
+         'precision': cell.precision, 'network': entry.role, 'source': entry.source,
+         'source_step': entry.step, 'teacher_weights': cfg.teacher.weights,
+         'num_samples': int(e.num_samples), 'seed': int(e.seed),
+         'batch_size': int(cfg.sample.batch_size), 'judge': e.judge,
+         'judge_context': int(e.judge_context), 'judge_group_size': int(cfg.sample.batch_size),
+         'bootstrap': int(e.bootstrap), 'x64': x64, 'sampler': sampler}
+  return json.loads(json.dumps(out, default=jobs._json_default))  # pylint: disable=protected-access
+
+
+# ------------------------------------------------------------------------------------ rows
+
+
+def _ar_cost(model_cfg) -> dict:
+  """AR with a KV cache: L one-token forwards; attention over t cached positions at step t."""
+  L = int(model_cfg.length)
+  flops = (cost_lib.trunk_dense_flops(model_cfg) + cost_lib.output_layer_flops(model_cfg)
+           + cost_lib.attention_flops(model_cfg) * (L + 1) / (2 * L))
+  return {'nfe': L, 'student_forwards': L, 'disc_forwards': 0, 'disc_backwards': 0,
+          'network_evaluations': L, 'flops': flops, 'tflops_per_sample': flops / cost_lib.TERA}
+
+
+def _sample_ar(cfg, cell: Cell, nets, mesh) -> runner.SampleResult:
+  from didi_jax.models import causal_lm  # pylint: disable=import-outside-toplevel
+  del mesh                       # the KV-cache sampler runs replicated
+  model, model_cfg = nets
+  sc = row_sampler_config(cfg, cell)
+  tok = get_tokenizer(cfg.data.tokenizer)
+  num, bs, seed = int(cfg.eval.num_samples), int(cfg.sample.batch_size), int(cfg.eval.seed)
+  regime = categorical.Regime.from_config(sc)
+  categorical.check_precision(regime.precision)
+  base = jax.random.PRNGKey(seed)
+  outs, t0, compile_s = [], time.time(), 0.0
+  for b in range(-(-num // bs)):
+    ids = causal_lm.gpt2_generate(model, jax.random.fold_in(base, b), batch_size=bs,
+                                  length=int(model_cfg.length), bos_id=tok.eos_id,
+                                  temperature=float(sc.temperature), top_p=float(sc.top_p),
+                                  regime=regime)
+    outs.append(np.asarray(jax.device_get(ids), np.int32))
+    if b == 0:                   # the first batch includes compilation
+      compile_s = time.time() - t0
+      t0 = time.time()
+  seconds = time.time() - t0
+  n_timed = len(outs) - 1
+  if n_timed == 0:               # one batch: its time includes compilation
+    seconds, compile_s = compile_s, 0.0
+  else:
+    seconds *= len(outs) / n_timed
+  return runner.SampleResult(
+      ids=np.concatenate(outs)[:num], stats={}, cost=_ar_cost(model_cfg), seconds=seconds,
+      compile_seconds=compile_s,
+      settings={'sampler': 'ar', 'network': 'ar', 'nfe': int(model_cfg.length),
+                'regime': regime.as_dict(), 'sigma': None, 'top_p': float(sc.top_p),
+                'temperature': float(sc.temperature), 'bos_id': int(tok.eos_id)})
+
+
+def run_cell(cfg, workdir: str, cell: Cell, models: Models, judge, mesh) -> tuple[dict, object]:
+  """Draws and judges one cell; returns (row without settings, SampleResult)."""
+  entry = models.entries[cell.model]
+  nets = models.networks_for(cell.model, need_disc=cell.sampler == 'rgas')
+  with _x64(cell):
+    x64 = bool(jax.config.jax_enable_x64)
+    if cell.model == 'ar':
+      res = _sample_ar(cfg, cell, nets, mesh)
+    else:
+      rcfg = copy.deepcopy(cfg)
+      with rcfg.unlocked():
+        rcfg.sampler = row_sampler_config(cfg, cell)
+      res = jobs.draw_samples(rcfg, workdir, network=entry.role,
+                              num_samples=int(cfg.eval.num_samples),
+                              batch_size=int(cfg.sample.batch_size), seed=int(cfg.eval.seed),
+                              explicit=entry.source, nets=nets, mesh=mesh)
+  ids = np.asarray(res.ids, np.int32)
+  texts = jobs.decode_all(cfg, ids)
+  e = cfg.eval
+  quality = evaluate.sample_quality(judge, ids, texts, group_size=int(cfg.sample.batch_size),
+                                    judge_batch_size=int(e.judge_batch_size),
+                                    n_bootstrap=int(e.bootstrap), seed=int(e.seed))
+  settings = res.settings
+  row = {'model': cell.model, 'sampler': cell.sampler, 'nfe': cell.nfe,
+         'precision': cell.precision, 'network': entry.role, 'source': entry.source,
+         'source_step': entry.step, 'length': int(ids.shape[1]), **quality,
+         **evaluate.cost_fields(res.cost),
+         'cache_hits': res.stats.get('cache_hits'),
+         'seconds': float(res.seconds), 'compile_seconds': float(res.compile_seconds),
+         'tokens_per_second': float(ids.size / max(res.seconds, 1e-9)),
+         'seed': int(e.seed), 'judge': e.judge, 'judge_context': int(e.judge_context),
+         'regime': settings.get('regime'), 'sigma': settings.get('sigma'), 'x64': x64}
+  if x64 and cell.precision == 'float64':
+    row['note'] = 'jax_enable_x64 on (scoped to this row)'
+  return row, res
+
+
+# ------------------------------------------------------------------------------------ output
+
+
+def _fmt_ci(v, ci, digits: int) -> str:
+  if v is None:
+    return '–'
+  if not ci:
+    return f'{v:.{digits}f}'
+  return f'{v:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]'
+
+
+def markdown(rows: list[dict], cfg, references: dict, skipped: list[str]) -> str:
+  """The results table (one line per row) plus the data reference and skipped combinations."""
+  e = cfg.eval
+  lines = [f'# NFE sweep — judge {e.judge} (context {e.judge_context}), {e.num_samples} samples '
+           f'per row, seed {e.seed}', '',
+           '| model | sampler | precision | NFE | student fwd | disc fwd / bwd | net evals '
+           '| TFLOPs/sample | Gen PPL [95% CI] | entropy [95% CI] | rep. 4-gram | seconds '
+           '| tok/s |',
+           '|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|']
+  for r in rows:
+    tf = r.get('tflops_per_sample')
+    cells = [r['model'], r['sampler'], r['precision'], r['nfe'], r.get('student_forwards'),
+             f'{r.get("disc_forwards")} / {r.get("disc_backwards")}',
+             r.get('network_evaluations'), '–' if tf is None else f'{tf:.4g}',
+             _fmt_ci(r.get('gen_ppl'), r.get('gen_ppl_ci'), 2),
+             _fmt_ci(r.get('entropy'), r.get('entropy_ci'), 3),
+             f'{r.get("repeated_4gram_rate", float("nan")):.3f}',
+             f'{r.get("seconds", 0.0):.2f}', f'{r.get("tokens_per_second", 0.0):,.0f}']
+    lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
+  lines.append('')
+  for length, ref in sorted(references.items()):
+    ent = _fmt_ci(ref['entropy'], ref['entropy_ci'], 3)
+    lines.append(f'Data reference: validation-block unigram entropy {ent} nats '
+                 f'({ref["num_blocks"]} blocks of {length} tokens, {ref["source"]}).')
+  if rows:
+    regimes = sorted({json.dumps(r.get('regime'), sort_keys=True) for r in rows})
+    sigmas = sorted({str(r.get('sigma')) for r in rows if r.get('sigma') is not None})
+    lines.append(f'Regime(s): {"; ".join(regimes)}. σ convention: {", ".join(sigmas) or "–"}. '
+                 'NFE is the paper\'s count (sampler steps; the AR row: L one-token KV-cache '
+                 'forwards); student fwd adds noise removal and subtracts cache hits.')
+  for reason in skipped:
+    lines.append(f'Skipped: {reason}')
+  return '\n'.join(lines) + '\n'
+
+
+def _write_text(path: str, text: str) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def read_rows(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    rows = json.load(f)
+  if not isinstance(rows, list):
+    raise ValueError(f'{path} is not a list of sweep rows: move it away to start a fresh sweep')
+  return rows
+
+
+def _fmt_eta(seconds: float) -> str:
+  return common._fmt_time(seconds)  # pylint: disable=protected-access
+
+
+def _sweep_name(cell: Cell, seed: int) -> str:
+  return f'sweep_{cell.model}_{cell.sampler}_nfe{cell.nfe}_{cell.precision}_seed{seed}'
+
+
+# --------------------------------------------------------------------------------------- job
+
+
+def run(cfg, workdir: str) -> dict:
+  """The sweep job (see the module docstring); returns a summary with the output paths."""
+  out_dir = os.path.join(workdir, 'sweep')
+  os.makedirs(out_dir, exist_ok=True)
+  results_path = os.path.join(out_dir, RESULTS)
+  models = Models(cfg, workdir)
+  cells, skipped = plan(cfg, models)
+  for reason in skipped:
+    print(f'sweep: skipping {reason}', flush=True)
+  previous = read_rows(results_path)
+  unused = list(range(len(previous)))
+  mesh = parallel.make_mesh(cfg.mesh)
+  judge = None
+  rows: list[dict] = []
+  computed = reused = 0
+  done_weight, elapsed = 0.0, 0.0
+  todo_weight = sum(c.weight for c in cells)
+
+  def save():
+    pending = [previous[i] for i in unused]
+    jobs._write_json(results_path, rows + pending)  # pylint: disable=protected-access
+
+  for i, cell in enumerate(cells):
+    entry = models.entries[cell.model]
+    settings = cell_settings(cfg, cell, entry)
+    hit = next((j for j in unused if previous[j].get('settings') == settings), None)
+    todo_weight -= cell.weight
+    prefix = f'sweep [{i + 1}/{len(cells)}] {cell.label}'
+    if hit is not None:
+      unused.remove(hit)
+      rows.append(previous[hit])
+      reused += 1
+      print(f'{prefix}: reused (Gen PPL {previous[hit].get("gen_ppl", float("nan")):.2f})',
+            flush=True)
+      continue
+    if judge is None:
+      judge = judges.load_judge(cfg.eval.judge, int(cfg.eval.judge_context))
+    t0 = time.time()
+    try:
+      row, res = run_cell(cfg, workdir, cell, models, judge, mesh)
+    except ValueError as err:
+      if cell.sampler == 'rgas' and models.entries[cell.model].disc_error:
+        skipped.append(f'{cell.label}: {err}')
+        print(f'{prefix}: skipped, {err}', flush=True)
+        continue
+      raise
+    row['settings'] = settings
+    rows.append(row)
+    jobs.write_samples(cfg, workdir, res, _sweep_name(cell, int(cfg.eval.seed)))
+    computed += 1
+    dt = time.time() - t0
+    elapsed += dt
+    done_weight += cell.weight
+    eta = elapsed / done_weight * todo_weight if done_weight else float('nan')
+    save()
+    _write_text(os.path.join(out_dir, TABLE), markdown(rows, cfg, {}, skipped))
+    lo, hi = row['gen_ppl_ci']
+    print(f'{prefix}: Gen PPL {row["gen_ppl"]:.2f} [{lo:.2f}, {hi:.2f}] | entropy '
+          f'{row["entropy"]:.3f} | {row["student_forwards"]} fwd, {row["disc_forwards"]} disc | '
+          f'{dt:.1f}s | ETA {_fmt_eta(eta)}', flush=True)
+
+  stale = [previous[i] for i in unused]
+  jobs._write_json(results_path, rows)  # pylint: disable=protected-access
+  stale_path = os.path.join(out_dir, STALE)
+  if stale:
+    old = read_rows(stale_path)
+    jobs._write_json(stale_path, old + stale)  # pylint: disable=protected-access
+    print(f'sweep: {len(stale)} rows of {RESULTS} had other settings: moved to {stale_path}',
+          flush=True)
+
+  e = cfg.eval
+  references = {}
+  for length in sorted({int(r['length']) for r in rows if r.get('length')}):
+    references[length] = evaluate.data_entropy(cfg, length, int(e.num_samples), int(e.bootstrap),
+                                               int(e.seed))
+  _write_text(os.path.join(out_dir, TABLE), markdown(rows, cfg, references, skipped))
+  ref = references[max(references)]['entropy'] if references else None
+  title = f'judge {e.judge}, {e.num_samples} samples per point'
+  curve = plots.curve(rows, os.path.join(out_dir, CURVE), x='nfe', data_entropy=ref, title=title)
+  curve_flops = plots.curve(rows, os.path.join(out_dir, CURVE_FLOPS), x='tflops_per_sample',
+                            data_entropy=ref, title=title)
+  print(f'sweep: {len(rows)} rows ({computed} computed, {reused} reused, {len(skipped)} skipped) '
+        f'-> {out_dir}', flush=True)
+  return {'rows': len(rows), 'computed': computed, 'reused': reused, 'skipped': skipped,
+          'results': results_path, 'table': os.path.join(out_dir, TABLE),
+          'curve': curve.path, 'curve_flops': curve_flops.path,
+          'curve_series': curve.series,
+          'data_entropy': {str(k): v['entropy'] for k, v in references.items()}}

