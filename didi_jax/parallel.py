@@ -162,14 +162,18 @@ def maybe_initialize_distributed() -> None:
   Explicit: DIDI_COORDINATOR=host:port, DIDI_NUM_PROCESSES, DIDI_PROCESS_ID. Under SLURM with
   more than one task, jax's cluster auto-detection is used. Single-process runs do nothing.
   """
+  # With one task per node, jax's SLURM detection would give each process only GPU
+  # SLURM_LOCALID: DIDI_LOCAL_DEVICE_IDS=0,1,...,7 (or JAX_LOCAL_DEVICE_IDS) hands it all of them.
+  ids = os.environ.get('DIDI_LOCAL_DEVICE_IDS') or os.environ.get('JAX_LOCAL_DEVICE_IDS')
+  local_ids = [int(x) for x in ids.split(',')] if ids else None
   if os.environ.get('DIDI_COORDINATOR'):
     jax.distributed.initialize(
         coordinator_address=os.environ['DIDI_COORDINATOR'],
         num_processes=int(os.environ['DIDI_NUM_PROCESSES']),
-        process_id=int(os.environ['DIDI_PROCESS_ID']))
+        process_id=int(os.environ['DIDI_PROCESS_ID']), local_device_ids=local_ids)
   elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 or os.environ.get('TPU_WORKER_HOSTNAMES') \
       or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize()
+    jax.distributed.initialize(local_device_ids=local_ids)
   else:
     return
   logging.info('distributed: process %d of %d, %d local / %d global devices',

@@ -161,6 +161,34 @@ def test_table_on_h100_compares_with_design_references():
   assert 'under 0.25 s; this run 0.300 s' in table
 
 
+def test_table_shows_a_failed_workload_and_keeps_the_others():
+  dev = bench.DeviceInfo('cpu', 'Some CPU (2 cores)', 1, 0.32, 'rough', None)
+  args = bench.parse_args(['rgas', '--size', 'tiny'])
+  rows = [_fake_row(dev, mfu_ceiling=None),
+          bench.error_row('rgas', 'XlaRuntimeError: RESOURCE_EXHAUSTED: out of memory', args, dev)]
+  table = bench.format_table(rows, dev)
+  assert '| train | B=32 L=1024 |' in table
+  assert '| rgas | FAILED: XlaRuntimeError: RESOURCE_EXHAUSTED' in table
+  assert 'measured ceiling' not in table
+  assert 'not comparable on this device' in table
+
+
+def test_cli_help_and_defaults(capsys):
+  with pytest.raises(SystemExit) as e:
+    bench.parse_args(['--help'])
+  assert e.value.code == 0
+  text = capsys.readouterr().out
+  for flag in ('--size', '--length', '--batch', '--steps', '--iters', '--dtype', '--attention',
+               '--sparse', '--warmup', '--peak_tflops', '--json'):
+    assert flag in text
+  args = bench.parse_args(['all', '--size', 'demo', '--steps', '8,16,32'])
+  assert (args.length, args.vocab, args.steps, args.dtype) == (256, 258, [8, 16, 32], 'float32')
+  args = bench.parse_args(['all', '--size', 'small'])
+  assert (args.length, args.vocab) == (1024, 50258)
+  with pytest.raises(SystemExit):
+    bench.parse_args(['train', '--steps', 'x'])
+
+
 def test_device_peaks():
   assert bench._lookup(bench.BF16_PEAK_TFLOPS, 'NVIDIA H100 80GB HBM3') == pytest.approx(989.4)
   assert bench._lookup(bench.BF16_PEAK_TFLOPS, 'NVIDIA H100 PCIe') == pytest.approx(756.0)

@@ -132,7 +132,7 @@ def test_distill_resume_equals_uninterrupted(tmp_path, monkeypatch):
   class StopAfterTwo(common.StopFlag):       # as if SIGTERM arrived during iteration 2
     calls = 0
 
-    def should_stop(self):
+    def should_stop(self, step=0, sync_every=10):
       StopAfterTwo.calls += 1
       return StopAfterTwo.calls >= 2
   monkeypatch.setattr(common, 'StopFlag', StopAfterTwo)
@@ -219,7 +219,7 @@ def test_sample_job_writes_file_and_is_deterministic(tmp_path):
   assert [r['ids'] for r in rows[0]] == [r['ids'] for r in rows[1]]
   first = rows[0][0]
   assert first['settings']['nfe'] == 4 and first['settings']['seed'] == 5
-  assert first['text'] and 256 not in first['ids'][:0]
+  assert first['text']
   other = cli.run_job(smoke_cfg(tmp_path, **dict(over, **{'sample.seed': 6})),
                       str(tmp_path / 'c'))
   rows_c = [json.loads(x) for x in open(other['samples'], encoding='utf-8')]

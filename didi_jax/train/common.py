@@ -149,9 +149,13 @@ class StopFlag:
     self.requested = True
     print(f'received signal {signum}: saving a checkpoint and stopping', flush=True)
 
-  def should_stop(self) -> bool:
+  def should_stop(self, step: int = 0, sync_every: int = 10) -> bool:
+    """Whether to stop; multi-host runs agree on it (all-gather every `sync_every` steps, so the
+    host does not stall the device queue each step)."""
     flag = self.requested
     if jax.process_count() > 1:
+      if step % sync_every:
+        return False
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
     return flag

@@ -205,7 +205,7 @@ def run(cfg, workdir: str) -> dict:
         if progress.enabled:
           print(f'samples {step}: ' + ' '.join(f'{k} {v:.4g}' for k, v in extra.items()),
                 flush=True)
-      stopping = stop.should_stop()
+      stopping = stop.should_stop(step)
       if step % cfg.checkpoint.every == 0 or step == d.num_iterations or stopping:
         mngr.save(step, state, it.get_state() if it is not None else {}, meta)
       if stopping:

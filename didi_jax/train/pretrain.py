@@ -221,7 +221,7 @@ def run(cfg, workdir: str) -> dict:
         writer.write(step, last)
         if progress.enabled:
           print(f'eval {step}: ' + ' '.join(f'{k} {v:.4f}' for k, v in last.items()), flush=True)
-      stopping = stop.should_stop()
+      stopping = stop.should_stop(step)
       if step % cfg.checkpoint.every == 0 or step == pcfg.num_steps or stopping:
         mngr.save(step, state, it.get_state(), meta)
       if stopping:
