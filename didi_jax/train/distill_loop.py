@@ -184,7 +184,7 @@ def run(cfg, workdir: str) -> dict:
                                           'teacher_weights': cfg.teacher.weights})
   dummy = np.zeros((d.batch_size, L), np.int32)
   step = start
-  pending = None
+  pending = previous = None
   last = {}
   try:
     while step < d.num_iterations:
@@ -194,6 +194,9 @@ def run(cfg, workdir: str) -> dict:
       x = next(it) if it is not None else dummy
       state, metrics = runner.step(state, runner.teacher_params,
                                    parallel.global_batch(runner.mesh, x), runner.run_key)
+      if previous is not None:                # keep at most one iteration queued
+        jax.block_until_ready(previous)
+      previous = metrics['d_loss']
       if pending is not None:
         last = _report(writer, progress, *pending)
       step += 1

@@ -201,13 +201,16 @@ def run(cfg, workdir: str) -> dict:
   progress = common.Progress(pcfg.num_steps, start, pcfg.batch_size * L, 'pretrain')
   stop = common.StopFlag()
   meta = checkpoint_meta(cfg, 'pretrain')
-  pending = None
+  pending = previous = None
   step = start
   last = {}
   try:
     while step < pcfg.num_steps:
       x = parallel.global_batch(trainer.mesh, next(it))
       state, metrics = trainer.train_step(state, x, trainer.run_key)
+      if previous is not None:                # keep at most one step queued on the device
+        jax.block_until_ready(previous)
+      previous = metrics['loss']
       if pending is not None:                 # pull step-1 metrics after dispatching step
         _report(writer, progress, *pending)
       step += 1
