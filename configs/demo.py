@@ -41,7 +41,7 @@ def get_config(preset: str = ''):
   _demo_model(cfg)
   cfg.eval.judge = 'smollm2'
   cfg.eval.judge_context = 128
-  cfg.eval.num_samples = 48
+  cfg.eval.num_samples = 32
   cfg.eval.judge_batch_size = 16
 
   # The demo teacher recipe (preset `teacher`).
@@ -58,22 +58,22 @@ def get_config(preset: str = ''):
 
   # Distillation on the demo: same recipe, scaled to a CPU.
   cfg.teacher.checkpoint = DEMO_TEACHER
-  cfg.distill.num_iterations = 300
+  cfg.distill.num_iterations = 120
   cfg.distill.disc_unfreeze_blocks = 2   # the paper trains the last 4 of 12 blocks
   cfg.distill.batch_size = 4
   cfg.distill.group_size = 4
-  cfg.distill.optim.student.lr = 2e-5
-  cfg.distill.optim.disc.lr = 1e-4
-  cfg.distill.optim.student.warmup_steps = 30
-  cfg.distill.optim.disc.warmup_steps = 30
+  cfg.distill.optim.student.lr = 1e-4     # the paper: 1e-6 over 10k iterations on 169M
+  cfg.distill.optim.disc.lr = 3e-4
+  cfg.distill.optim.student.warmup_steps = 10
+  cfg.distill.optim.disc.warmup_steps = 10
   cfg.distill.log_every = 10
-  cfg.distill.sample_every = 100
-  cfg.checkpoint.every = 100
+  cfg.distill.sample_every = 60
+  cfg.checkpoint.every = 40
 
   cfg.sampler.network = 'student_ema'
   cfg.sampler.steps = 16
-  cfg.sample.num_samples = 48
-  cfg.sample.batch_size = 16
+  cfg.sample.num_samples = 32
+  cfg.sample.batch_size = 32
 
   cfg.sweep.models = 'teacher,student'
   cfg.sweep.samplers = 'ancestral,rgas'
