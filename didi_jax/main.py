@@ -36,6 +36,13 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, met
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietOrbax(logging.Filter):
+  """Drops orbax's notice that checkpoint items we did not ask for were not restored."""
+
+  def filter(self, record):
+    return 'could not be restored' not in record.getMessage()
+
+
 def run_job(cfg, workdir: str) -> dict:
   """Dispatches on cfg.job; returns the job's summary dict."""
   from didi_jax import config as config_lib  # pylint: disable=import-outside-toplevel
@@ -54,6 +61,7 @@ def main(argv):
   from didi_jax import parallel  # pylint: disable=import-outside-toplevel
   from didi_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
   logging.getLogger().setLevel(logging.WARNING)
+  logging.getLogger('absl').addFilter(_QuietOrbax())
   parallel.maybe_initialize_distributed()
   cfg = _CONFIG.value
   workdir = os.path.expanduser(_WORKDIR.value)
