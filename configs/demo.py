@@ -16,8 +16,9 @@ import os
 
 from didi_jax.config import base_config, model_config
 
-DEMO_TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            'didi_jax', 'assets', 'demo_teacher')
+DEMO_TEACHER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                'didi_jax', 'assets', 'demo_teacher')
+DEMO_TEACHER = os.path.join(DEMO_TEACHER_DIR, 'teacher.safetensors')
 
 
 def _shakespeare(cfg, tokenizer='byte'):

@@ -10,7 +10,7 @@ from didi_jax import networks
 from didi_jax.data import pipeline
 from didi_jax.train import pretrain
 
-ASSET = demo.DEMO_TEACHER
+ASSET = demo.DEMO_TEACHER_DIR
 
 
 def test_demo_teacher_is_shipped_and_small():
