@@ -26,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from didi_jax import diffusion
 from didi_jax.models.discriminator import Spectral
 from didi_jax.sampling import categorical
+from didi_jax.train import common
 from didi_jax.train import distill_state as ds
 
 Array = jax.Array
@@ -381,12 +382,8 @@ def student_loss_from_terms(terms: Dict[str, Array], wa_N: Array,
           + dcfg.kl.coef_lo * dcfg.kl.scale * terms['kl_lo'] - dcfg.entropy_coef * terms['ent'])
 
 
-def _count_nonfinite(tree) -> Array:
-  return sum(jnp.sum(~jnp.isfinite(g)).astype(jnp.float32) for g in jax.tree.leaves(tree))
-
-
 def _clean_norm(tree) -> Array:
-  return optax.tree.norm(ds.nan_to_num_grads().update(tree, optax.EmptyState())[0])
+  return common.global_norm(common.nan_to_num_grads().update(tree, optax.EmptyState())[0])
 
 
 def _masked_frac(pred_NxL, mk_NxL) -> Array:
@@ -496,7 +493,7 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
       upd_S, opt_student = tx_student.update(g_S, state.opt_student, state.student)
       student = optax.apply_updates(state.student, upd_S)
       ema = jax.tree.map(lambda e, p: e + (1.0 - d.ema_decay) * (p - e), state.ema, student)
-      return student, opt_student, ema, _clean_norm(g_S), _count_nonfinite(g_S)
+      return student, opt_student, ema, _clean_norm(g_S), common.count_nonfinite(g_S)
 
     def skip(_):
       return (state.student, state.opt_student, state.ema, jnp.zeros((), jnp.float32),
@@ -529,7 +526,7 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
         'lr_student': lr_student,
         'lr_disc': sched_disc(k),
         'nonfinite_grads_student': nonfinite_S,
-        'nonfinite_grads_disc': _count_nonfinite(g_D),
+        'nonfinite_grads_disc': common.count_nonfinite(g_D),
         'tau_mean': jnp.mean(tau_N),
         'masked_frac': jnp.mean(mk_fake_NxL.astype(jnp.float32)),
     }

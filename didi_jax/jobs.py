@@ -6,9 +6,7 @@ import copy
 import json
 import os
 import re
-from typing import Optional
 
-import jax
 import numpy as np
 
 from didi_jax import networks, parallel
@@ -57,8 +55,8 @@ def load_sampling_networks(cfg, workdir: str, network: str, kind: str, explicit:
   """(denoiser, discriminator or None) for sampler `kind` from the resolved source."""
   source = network_source(cfg, workdir, network, explicit)
   role = 'student_ema' if network == 'student_ema' else network
-  den = networks.load(source, role, None if networks.checkpoint_dir(source) else
-                      _maybe_model_cfg(cfg, source), weights=cfg.teacher.weights)
+  den = networks.load(source, role, None if networks.checkpoint_dir(source) else cfg.model,
+                      weights=cfg.teacher.weights)
   disc = None
   if kind == 'rgas':
     if network == 'teacher':
@@ -67,12 +65,6 @@ def load_sampling_networks(cfg, workdir: str, network: str, kind: str, explicit:
     disc = networks.load(source, 'discriminator')
   _check_vocab(cfg, den.model_cfg)
   return den, disc
-
-
-def _maybe_model_cfg(cfg, source: str):
-  """The config's model when it matches an imported file's sizes (heads are not stored)."""
-  del source
-  return cfg.model
 
 
 def _check_vocab(cfg, model_cfg):

@@ -119,10 +119,9 @@ def _load_workdir(source: str, role: str, weights: str) -> Network:
     if role not in ('teacher', 'ar'):
       raise ValueError(f'{source} is a pre-training run: it holds a teacher, not a {role}')
     from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
+    gd, _, _ = _build(model_cfg)
     tx = pretrain.make_optimizer(cfg.pretrain)
-    gd, abstract_params, _ = _build(model_cfg)
-    abstract = jax.eval_shape(lambda: pretrain._fresh_state_abstract(cfg, tx, abstract_params))  # pylint: disable=protected-access
-    state, _, _ = mngr.restore(abstract)
+    state, _, _ = mngr.restore(pretrain.abstract_state(cfg, tx))
     params = state['ema'] if weights == 'ema' else state['params']
     mngr.close()
     return Network(role, model_cfg, gd, params, None, source)

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 

@@ -16,12 +16,16 @@ import numpy as np
 import optax
 
 
+GRAD_INF_VALUE = 1e5    # ±inf gradients become ±this (SPEC §7.3)
+
+
 def nan_to_num_grads() -> optax.GradientTransformation:
-  """NaN -> 0, ±inf -> ±1e5 (SPEC §7.3), before clipping."""
+  """NaN -> 0, ±inf -> ±GRAD_INF_VALUE (SPEC §7.3), before clipping."""
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5),
-                        updates), state
+    return jax.tree.map(
+        lambda g: jnp.nan_to_num(g, nan=0.0, posinf=GRAD_INF_VALUE, neginf=-GRAD_INF_VALUE),
+        updates), state
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 

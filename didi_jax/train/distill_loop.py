@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 
 import jax
 import jax.numpy as jnp

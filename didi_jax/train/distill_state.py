@@ -16,18 +16,15 @@ from typing import Any, Callable, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from flax import nnx
 from flax import struct
 
 from didi_jax.models.dit import DiT
 from didi_jax.models.discriminator import Discriminator, Spectral
+from didi_jax.train import common
 
 Array = jax.Array
 PyTree = Any
-
-# nan_to_num for gradients (SPEC §7.3): NaN -> 0, ±inf -> ±GRAD_INF_VALUE.
-GRAD_INF_VALUE = 1e5
 
 
 @struct.dataclass
@@ -94,31 +91,7 @@ def lr_schedule(peak: float, warmup_steps: int, total_steps: int) -> Callable[[A
     raise ValueError(f'LR schedule needs 1 <= warmup_steps ({warmup_steps}) < total steps '
                      f'({total_steps}): lower distill.optim.*.warmup_steps or raise '
                      'distill.num_iterations')
-
-  def schedule(k):
-    k = jnp.asarray(k, jnp.float32)
-    warm = peak * (k + 1.0) / warmup_steps
-    decay = peak * jnp.maximum(0.0, (total_steps - k) / (total_steps - warmup_steps))
-    return jnp.where(k < warmup_steps, warm, decay)
-  return schedule
-
-
-def nan_to_num_grads() -> optax.GradientTransformation:
-  """NaN -> 0, ±inf -> ±1e5 on every gradient leaf (SPEC §7.3)."""
-  def fn(updates, params=None):
-    del params
-    return jax.tree.map(
-        lambda g: jnp.nan_to_num(g, nan=0.0, posinf=GRAD_INF_VALUE, neginf=-GRAD_INF_VALUE),
-        updates)
-  return optax.stateless(fn)
-
-
-def _adamw_chain(ocfg, schedule) -> optax.GradientTransformation:
-  return optax.chain(
-      nan_to_num_grads(),
-      optax.clip_by_global_norm(ocfg.clip_norm),
-      optax.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
-                  weight_decay=ocfg.weight_decay))
+  return common.warmup_linear_decay(peak, warmup_steps, total_steps)
 
 
 def schedules(cfg: ml_collections.ConfigDict):
@@ -140,8 +113,11 @@ def make_optimizers(cfg: ml_collections.ConfigDict):
   discriminator weights have no optimiser state at all.
   """
   sched_student, sched_disc = schedules(cfg)
-  return (_adamw_chain(cfg.distill.optim.student, sched_student),
-          _adamw_chain(cfg.distill.optim.disc, sched_disc))
+  def adamw(ocfg, schedule):
+    return common.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
+                        weight_decay=ocfg.weight_decay, clip_norm=ocfg.clip_norm)
+  return (adamw(cfg.distill.optim.student, sched_student),
+          adamw(cfg.distill.optim.disc, sched_disc))
 
 
 # ----------------------------------------------------------------------------- init

@@ -7,11 +7,9 @@ objects of the model's Params. Randomness is a pure function of (run key, step):
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -112,11 +110,10 @@ class Trainer:
       raise ValueError(f'pretrain.batch_size={cfg.pretrain.batch_size} is not divisible by the '
                        f'data×fsdp mesh size {div}: pick a multiple of {div}')
     self.tx = make_optimizer(cfg.pretrain)
-    abstract = abstract_model(cfg.model)
-    self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-    self.abstract_state = jax.eval_shape(
-        lambda: _fresh_state_abstract(cfg, self.tx, abstract_params))
-    self.state_shardings = self._shardings(self.abstract_state)
+    self.graphdef = nnx.graphdef(abstract_model(cfg.model))
+    self.abstract_state = abstract_state(cfg, self.tx)
+    # Moments follow the parameter layout (the rules only read parameter names); scalars replicate.
+    self.state_shardings = parallel.param_shardings(self.mesh, self.abstract_state)
     self.run_key = jax.random.PRNGKey(cfg.seed)
     self.train_step = jax.jit(make_train_step(cfg, self.graphdef, self.tx),
                               in_shardings=(self.state_shardings,
@@ -129,10 +126,6 @@ class Trainer:
                              in_shardings=(params_sh, parallel.batch_sharding(self.mesh),
                                            parallel.replicated(self.mesh)))
 
-  def _shardings(self, abstract_state):
-    # Moments follow the parameter layout (the rules only read parameter names); scalars replicate.
-    return parallel.param_shardings(self.mesh, abstract_state)
-
   def abstract_state_sharded(self):
     return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                         self.abstract_state, self.state_shardings)
@@ -143,10 +136,9 @@ class Trainer:
     return fn()
 
 
-def _fresh_state_abstract(cfg, tx, abstract_params):
-  params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_params)
-  return {'step': jnp.zeros((), jnp.int32), 'params': params,
-          'ema': params, 'opt': tx.init(params)}
+def abstract_state(cfg, tx) -> dict:
+  """Shapes and dtypes of the train state, without allocating it."""
+  return jax.eval_shape(lambda: _fresh_state(cfg, tx, 0))
 
 
 
