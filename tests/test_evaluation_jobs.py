@@ -15,6 +15,7 @@ import pytest
 from didi_jax import jobs, networks
 from didi_jax import main as main_lib
 from didi_jax.checkpoint.manager import Manager
+from didi_jax.data import pipeline
 from didi_jax.evaluation import evaluate, judges, metrics, plots, sweep
 from didi_jax.sampling import runner
 from didi_jax.train import distill_state, pretrain
@@ -121,6 +122,13 @@ def test_evaluate_scores_a_samples_file(teacher_dir, shared_judge):
   # Data reference and NELBO (network loaded from the samples file's source).
   assert 0 < rec['data_entropy']['entropy'] < np.log(64)
   assert rec['data_entropy']['num_blocks'] == 8
+  # ... and the judge's Gen PPL of those same validation blocks, decoded to text.
+  blocks = pipeline.eval_batches(cfg.data, 64, 8, 1)[0]
+  d_nll, d_count = shared_judge('smollm2', JUDGE_CONTEXT).score_texts(
+      jobs.decode_all(cfg, blocks), 8)
+  ref = rec['data_entropy']
+  assert ref['gen_ppl'] == pytest.approx(np.exp(d_nll.sum() / d_count.sum()), rel=1e-9)
+  assert ref['gen_ppl_ci'][0] <= ref['gen_ppl'] <= ref['gen_ppl_ci'][1]
   nelbo = rec['nelbo']
   assert nelbo['batches'] == 2 and np.isfinite(nelbo['nelbo_se']) and nelbo['nelbo_se'] > 0
   assert nelbo['ppl_ci'][0] < nelbo['ppl'] < nelbo['ppl_ci'][1]
@@ -188,8 +196,10 @@ def test_sweep_rows_table_plot_and_resume(teacher_dir, monkeypatch):
   assert img.ndim == 3 and img.shape[0] > 100
   assert os.path.exists(out['curve_flops'])
   assert out['curve_series'] == ['teacher / ancestral', 'teacher / cached']
+  assert out['data_gen_ppl']['64'] > 1 and 'Gen PPL' in table.split('Data reference')[1]
   plot = plots.curve(rows, os.path.join(teacher_dir, 'replot.png'),
-                     data_entropy=float(out['data_entropy']['64']))
+                     data_entropy=float(out['data_entropy']['64']),
+                     data_gen_ppl=float(out['data_gen_ppl']['64']))
   ax_ppl, ax_ent = plot.figure.axes
   assert plot.num_lines == 2 and len(ax_ppl.containers) == 2 and len(ax_ent.containers) == 2
   assert ax_ppl.get_xscale() == 'log' and ax_ppl.get_yscale() == 'log'

@@ -61,16 +61,27 @@ def sample_quality(judge: judges.Judge, ids_SxL: np.ndarray, texts: Sequence[str
   return out
 
 
-def data_entropy(cfg, length: int, num_blocks: int, n_bootstrap: int, seed: int) -> dict:
-  """Unigram entropy of `num_blocks` validation blocks of `length` tokens (the data reference)."""
+def data_entropy(cfg, length: int, num_blocks: int, n_bootstrap: int, seed: int,
+                 judge: Optional[judges.Judge] = None, group_size: int = 0,
+                 judge_batch_size: int = 0) -> dict:
+  """The data reference: unigram entropy of `num_blocks` validation blocks of `length` tokens
+  and, when a `judge` is given, its Gen PPL of the same blocks decoded to text (what a perfect
+  generator would score under this judge and context)."""
   from didi_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   blocks = pipeline.eval_batches(cfg.data, int(length), int(num_blocks), 1)[0]
   ent_S = metrics.unigram_entropy(blocks)
-  return {'entropy': float(np.mean(ent_S)),
-          'entropy_ci': list(metrics.bootstrap_ci(lambda x: float(np.mean(x)), [ent_S],
-                                                  n_bootstrap, seed)),
-          'num_blocks': int(blocks.shape[0]), 'length': int(length),
-          'source': cfg.data.source, 'tokenizer': cfg.data.tokenizer}
+  out = {'entropy': float(np.mean(ent_S)),
+         'entropy_ci': list(metrics.bootstrap_ci(lambda x: float(np.mean(x)), [ent_S],
+                                                 n_bootstrap, seed)),
+         'num_blocks': int(blocks.shape[0]), 'length': int(length),
+         'source': cfg.data.source, 'tokenizer': cfg.data.tokenizer}
+  if judge is not None:
+    q = sample_quality(judge, blocks, jobs.decode_all(cfg, blocks),
+                       group_size=int(group_size) or int(blocks.shape[0]),
+                       judge_batch_size=int(judge_batch_size) or int(blocks.shape[0]),
+                       n_bootstrap=n_bootstrap, seed=seed)
+    out['gen_ppl'], out['gen_ppl_ci'] = q['gen_ppl'], q['gen_ppl_ci']
+  return out
 
 
 def validation_nelbo(cfg, network, *, num_batches: int, batch_size: int, seed: int,
@@ -166,7 +177,8 @@ def run(cfg, workdir: str) -> dict:
   quality = sample_quality(judge, ids, texts, group_size=int(cfg.sample.batch_size),
                            judge_batch_size=int(e.judge_batch_size),
                            n_bootstrap=int(e.bootstrap), seed=int(e.seed))
-  reference = data_entropy(cfg, ids.shape[1], ids.shape[0], int(e.bootstrap), int(e.seed))
+  reference = data_entropy(cfg, ids.shape[1], ids.shape[0], int(e.bootstrap), int(e.seed),
+                           judge, int(cfg.sample.batch_size), int(e.judge_batch_size))
   nelbo, nelbo_note = _nelbo_for(cfg, workdir, den, settings)
 
   out = {'name': name, 'samples': samples_path, **_judge_fields(cfg, e.judge),
@@ -187,7 +199,8 @@ def run(cfg, workdir: str) -> dict:
   lo, hi = out['gen_ppl_ci']
   line = (f'eval {name}: Gen PPL {out["gen_ppl"]:.2f} [{lo:.2f}, {hi:.2f}] ({e.judge}, '
           f'ctx {e.judge_context}, {out["num_samples"]} samples) | entropy '
-          f'{out["entropy"]:.3f} (data {reference["entropy"]:.3f})')
+          f'{out["entropy"]:.3f} (data: entropy {reference["entropy"]:.3f}, Gen PPL '
+          f'{reference["gen_ppl"]:.2f})')
   if nelbo:
     line += f' | val NELBO {nelbo["nelbo"]:.3f}±{nelbo["nelbo_se"]:.3f} (PPL {nelbo["ppl"]:.2f})'
   print(line + f' -> {path}', flush=True)

@@ -55,9 +55,10 @@ def _errors(rows: list[dict], value: str, ci: str):
 
 
 def curve(rows: Sequence[dict], path: str, *, x: str = 'nfe',
-          data_entropy: Optional[float] = None, title: str = '') -> CurvePlot:
+          data_entropy: Optional[float] = None, data_gen_ppl: Optional[float] = None,
+          title: str = '') -> CurvePlot:
   """Two panels (Gen PPL, log y; entropy) against `x` ('nfe' or 'tflops_per_sample'), saved to
-  `path`."""
+  `path`; the data reference (`data_gen_ppl`, `data_entropy`) as dashed lines."""
   if x not in X_AXES:
     raise ValueError(f'x={x!r} is not a sweep axis: use one of {list(X_AXES)}')
   xlabel, base = X_AXES[x]
@@ -78,6 +79,9 @@ def curve(rows: Sequence[dict], path: str, *, x: str = 'nfe',
     if all(r.get('entropy') is not None for r in rs):
       ax_ent.errorbar(xs, [r['entropy'] for r in rs], yerr=_errors(rs, 'entropy', 'entropy_ci'),
                       marker='o', capsize=3, label=label)
+  if data_gen_ppl is not None:
+    ax_ppl.axhline(data_gen_ppl, color='gray', linestyle='--', linewidth=1,
+                   label='validation data')
   if data_entropy is not None:
     ax_ent.axhline(data_entropy, color='gray', linestyle='--', linewidth=1,
                    label='validation data')

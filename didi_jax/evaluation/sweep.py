@@ -393,7 +393,9 @@ def markdown(rows: list[dict], cfg, references: dict, skipped: list[str]) -> str
   lines.append('')
   for length, ref in sorted(references.items()):
     ent = _fmt_ci(ref['entropy'], ref['entropy_ci'], 3)
-    lines.append(f'Data reference: validation-block unigram entropy {ent} nats '
+    ppl = (f', Gen PPL {_fmt_ci(ref["gen_ppl"], ref["gen_ppl_ci"], 2)}'
+           if ref.get('gen_ppl') is not None else '')
+    lines.append(f'Data reference: validation blocks score unigram entropy {ent} nats{ppl} '
                  f'({ref["num_blocks"]} blocks of {length} tokens, {ref["source"]}).')
   if rows:
     regimes = sorted({json.dumps(r.get('regime'), sort_keys=True) for r in rows})
@@ -507,18 +509,23 @@ def run(cfg, workdir: str) -> dict:
   e = cfg.eval
   references = {}
   for length in sorted({int(r['length']) for r in rows if r.get('length')}):
+    if judge is None:
+      judge = judges.load_judge(e.judge, int(e.judge_context))
     references[length] = evaluate.data_entropy(cfg, length, int(e.num_samples), int(e.bootstrap),
-                                               int(e.seed))
+                                               int(e.seed), judge, int(cfg.sample.batch_size),
+                                               int(e.judge_batch_size))
   _write_text(os.path.join(out_dir, TABLE), markdown(rows, cfg, references, skipped))
-  ref = references[max(references)]['entropy'] if references else None
+  ref = references[max(references)] if references else {}
+  refs = {'data_entropy': ref.get('entropy'), 'data_gen_ppl': ref.get('gen_ppl')}
   title = f'judge {e.judge}, {e.num_samples} samples per point'
-  curve = plots.curve(rows, os.path.join(out_dir, CURVE), x='nfe', data_entropy=ref, title=title)
+  curve = plots.curve(rows, os.path.join(out_dir, CURVE), x='nfe', title=title, **refs)
   curve_flops = plots.curve(rows, os.path.join(out_dir, CURVE_FLOPS), x='tflops_per_sample',
-                            data_entropy=ref, title=title)
+                            title=title, **refs)
   print(f'sweep: {len(rows)} rows ({computed} computed, {reused} reused, {len(skipped)} skipped) '
         f'-> {out_dir}', flush=True)
   return {'rows': len(rows), 'computed': computed, 'reused': reused, 'skipped': skipped,
           'results': results_path, 'table': os.path.join(out_dir, TABLE),
           'curve': curve.path, 'curve_flops': curve_flops.path,
           'curve_series': curve.series,
-          'data_entropy': {str(k): v['entropy'] for k, v in references.items()}}
+          'data_entropy': {str(k): v['entropy'] for k, v in references.items()},
+          'data_gen_ppl': {str(k): v.get('gen_ppl') for k, v in references.items()}}
