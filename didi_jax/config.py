@@ -111,7 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
       kl=ml_collections.ConfigDict(dict(
           type='jeffrey', beta=0.5, coef_hi=0.01, coef_lo=0.01, scale=1.0)),
       entropy_coef=5e-4,
-      tau=ml_collections.ConfigDict(dict(a=1.0, b=1.0, min=0.02, max=0.98)),
+      tau=ml_collections.ConfigDict(dict(a=1.0, b=1.0, min=0.02, max=0.98,
+                                         per='row')),   # 'row' | 'group': one τ per group
       importance_weight=False,
       omega=ml_collections.ConfigDict(dict(min=0.1, max=10.0, mode='inv_t')),
       disc_warmup_steps=0,
@@ -211,6 +212,7 @@ _CHOICES = {
     'distill.kl.type': ('jeffrey', 'forward', 'reverse'),
     'distill.omega.mode': ('inv_t', 'constant'),
     'distill.rollout': ('shared', 'two_pass'),
+    'distill.tau.per': ('row', 'group'),
     'sampler.kind': ('ancestral', 'rgas'),
     'sampler.network': ('teacher', 'student', 'student_ema'),
     'sampler.precision': ('float32', 'float64'),

@@ -41,10 +41,19 @@ OMEGA_CONSTANT = 1.0               # ω(t) in `omega.mode='constant'`
 # ============================================================================ pure pieces
 
 
-def sample_tau(key: Array, n: int, tau_cfg: ml_collections.ConfigDict) -> Array:
-  """τ_n ~ Beta(a, b), clamped to [min, max] (SPEC D6). float32 (n,)."""
-  t = jax.random.beta(key, tau_cfg.a, tau_cfg.b, (n,), jnp.float32)
-  return jnp.clip(t, tau_cfg.min, tau_cfg.max)
+def sample_tau(key: Array, n: int, tau_cfg: ml_collections.ConfigDict,
+               group: int = 1) -> Array:
+  """τ_n ~ Beta(a, b), clamped to [min, max] (SPEC D6). float32 (n,).
+
+  `tau_cfg.per == 'group'` draws one τ per run of `group` consecutive rows (a group shares its
+  noise level, so grouped normalisation compares samples under the same corruption time);
+  'row' (SPEC §7.1) draws one per row.
+  """
+  per_group = tau_cfg.get('per', 'row') == 'group' and group > 1
+  m = n // group if per_group else n
+  t = jnp.clip(jax.random.beta(key, tau_cfg.a, tau_cfg.b, (m,), jnp.float32),
+               tau_cfg.min, tau_cfg.max)
+  return jnp.repeat(t, group) if per_group else t
 
 
 def tau_density(t: Array, tau_cfg: ml_collections.ConfigDict) -> Array:
@@ -441,7 +450,7 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
       x_real_NxL = buf[jax.random.permutation(key_real, buf.shape[0])[:N]]
 
     # ---- student rollout with the pre-update student (vjp kept for the update)
-    tau_N = sample_tau(key_tau, N, d.tau)
+    tau_N = sample_tau(key_tau, N, d.tau, G)
     keys = {'roll1': key_roll1, 'roll2': key_roll2, 'drop1': key_drop1, 'drop2': key_drop2,
             'drop_draw1': key_drop_draw1, 'drop_draw2': key_drop_draw2}
 
@@ -453,7 +462,7 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
     x_fake_NxL = aux['x_fake_NxL']
 
     # ---- coupled corruption at t_c (= τ), independent masks per row and side
-    t_c_N = tau_N if d.coupled_time else sample_tau(key_tc, N, d.tau)
+    t_c_N = tau_N if d.coupled_time else sample_tau(key_tc, N, d.tau, G)
     sig_c_N = diffusion.sigma(t_c_N)
     z_fake_NxL = diffusion.forward_mask(key_mask_fake, x_fake_NxL, t_c_N, mask_id)
     z_real_NxL = diffusion.forward_mask(key_mask_real, x_real_NxL, t_c_N, mask_id)

@@ -221,6 +221,13 @@ def test_omega_tau_and_importance_weight():
   assert abs(tau.mean() - 2 / 5) < 0.01            # Beta(2, 3) mean (clamping is negligible)
   tau1 = np.asarray(distill.sample_tau(jax.random.key(1), 20000, d.tau))
   np.testing.assert_allclose(np.mean(tau1 == 0.02), 0.02, atol=0.005)   # clamped mass
+  # tau.per='group': one τ per run of G rows, same Beta(2, 3) marginal; 'row' ignores G.
+  d4 = tiny_cfg(**{'tau.a': 2.0, 'tau.b': 3.0, 'tau.per': 'group'}).distill
+  tg = np.asarray(distill.sample_tau(jax.random.key(2), 20000, d4.tau, 4)).reshape(5000, 4)
+  assert (tg == tg[:, :1]).all() and len(np.unique(tg[:, 0])) > 4900
+  assert abs(tg.mean() - 2 / 5) < 0.01
+  tr = np.asarray(distill.sample_tau(jax.random.key(2), 20000, d2.tau, 4)).reshape(5000, 4)
+  assert (tr != tr[:, :1]).any(axis=1).all()
 
 
 def test_lr_schedule_values_and_optimizer_chain():
