@@ -539,5 +539,7 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
         'tau_mean': jnp.mean(tau_N),
         'masked_frac': jnp.mean(mk_fake_NxL.astype(jnp.float32)),
     }
+    if d.kl.scale * max(abs(d.kl.coef_hi), abs(d.kl.coef_lo)) == 0:
+      del metrics['kl_hi'], metrics['kl_lo']   # regulariser off: the teacher is not called
     return new_state, {name: jnp.asarray(v, jnp.float32) for name, v in metrics.items()}
   return step
