@@ -56,6 +56,11 @@ def sample_tau(key: Array, n: int, tau_cfg: ml_collections.ConfigDict,
   return jnp.repeat(t, group) if per_group else t
 
 
+def kl_enabled(dcfg: ml_collections.ConfigDict) -> bool:
+  """Whether the Jeffrey/KL regulariser has a non-zero weight (else the teacher is not called)."""
+  return dcfg.kl.scale * max(abs(dcfg.kl.coef_hi), abs(dcfg.kl.coef_lo)) != 0
+
+
 def tau_density(t: Array, tau_cfg: ml_collections.ConfigDict) -> Array:
   """The Beta(a, b) density π(t) (the unclamped law; used by `importance_weight`)."""
   return jax.scipy.stats.beta.pdf(t, tau_cfg.a, tau_cfg.b)
@@ -325,7 +330,7 @@ def student_rollout(params_S: PyTree, params_T: PyTree, tau_N: Array, keys: Dict
     (all float32, differentiable); aux = {'x_tau_NxL', 'x_fake_NxL'} int32.
   """
   features_S = jax.checkpoint(net.features)   # remat the student trunk (SPEC §7.4)
-  kl_on = dcfg.kl.scale * max(abs(dcfg.kl.coef_hi), abs(dcfg.kl.coef_lo)) != 0
+  kl_on = kl_enabled(dcfg)
   head_S = net.head(params_S)
   head_T = net.head(params_T) if kl_on else None
   drop = dcfg.dropout
@@ -539,7 +544,7 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
         'tau_mean': jnp.mean(tau_N),
         'masked_frac': jnp.mean(mk_fake_NxL.astype(jnp.float32)),
     }
-    if d.kl.scale * max(abs(d.kl.coef_hi), abs(d.kl.coef_lo)) == 0:
+    if not kl_enabled(d):
       del metrics['kl_hi'], metrics['kl_lo']   # regulariser off: the teacher is not called
     return new_state, {name: jnp.asarray(v, jnp.float32) for name, v in metrics.items()}
   return step

@@ -4,7 +4,7 @@ Scores `eval.samples_file` when set, otherwise draws `eval.num_samples` fresh sa
 configured sampler and network (seed `eval.seed`) and writes them to WORKDIR/samples first.
 Writes WORKDIR/eval/<name>.json with every setting that moves a number, and prints one line.
 
-The helpers (`judge_scores`, `sample_quality`, `data_entropy`, `validation_nelbo`,
+The helpers (`judge_scores`, `sample_quality`, `data_reference`, `validation_nelbo`,
 `cost_fields`) are shared with the `sweep` job.
 """
 from __future__ import annotations
@@ -61,9 +61,9 @@ def sample_quality(judge: judges.Judge, ids_SxL: np.ndarray, texts: Sequence[str
   return out
 
 
-def data_entropy(cfg, length: int, num_blocks: int, n_bootstrap: int, seed: int,
-                 judge: Optional[judges.Judge] = None, group_size: int = 0,
-                 judge_batch_size: int = 0) -> dict:
+def data_reference(cfg, length: int, num_blocks: int, n_bootstrap: int, seed: int,
+                   judge: Optional[judges.Judge] = None, group_size: int = 0,
+                   judge_batch_size: int = 0) -> dict:
   """The data reference: unigram entropy of `num_blocks` validation blocks of `length` tokens
   and, when a `judge` is given, its Gen PPL of the same blocks decoded to text (what a perfect
   generator would score under this judge and context)."""
@@ -177,8 +177,8 @@ def run(cfg, workdir: str) -> dict:
   quality = sample_quality(judge, ids, texts, group_size=int(cfg.sample.batch_size),
                            judge_batch_size=int(e.judge_batch_size),
                            n_bootstrap=int(e.bootstrap), seed=int(e.seed))
-  reference = data_entropy(cfg, ids.shape[1], ids.shape[0], int(e.bootstrap), int(e.seed),
-                           judge, int(cfg.sample.batch_size), int(e.judge_batch_size))
+  reference = data_reference(cfg, ids.shape[1], ids.shape[0], int(e.bootstrap), int(e.seed),
+                             judge, int(cfg.sample.batch_size), int(e.judge_batch_size))
   nelbo, nelbo_note = _nelbo_for(cfg, workdir, den, settings)
 
   out = {'name': name, 'samples': samples_path, **_judge_fields(cfg, e.judge),

@@ -511,9 +511,9 @@ def run(cfg, workdir: str) -> dict:
   for length in sorted({int(r['length']) for r in rows if r.get('length')}):
     if judge is None:
       judge = judges.load_judge(e.judge, int(e.judge_context))
-    references[length] = evaluate.data_entropy(cfg, length, int(e.num_samples), int(e.bootstrap),
-                                               int(e.seed), judge, int(cfg.sample.batch_size),
-                                               int(e.judge_batch_size))
+    references[length] = evaluate.data_reference(
+        cfg, length, int(e.num_samples), int(e.bootstrap), int(e.seed), judge,
+        int(cfg.sample.batch_size), int(e.judge_batch_size))
   _write_text(os.path.join(out_dir, TABLE), markdown(rows, cfg, references, skipped))
   ref = references[max(references)] if references else {}
   refs = {'data_entropy': ref.get('entropy'), 'data_gen_ppl': ref.get('gen_ppl')}
