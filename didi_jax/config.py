@@ -130,7 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
       score_decomposition=True,   # D12
       coupled_time=True,
       group_norm=True,            # grouped reward normalisation (False: raw rewards)
-      adv_clip=3.0,
+      adv_clip=3.0,               # clip of the grouped z-scores; binds only when G >= 11, since
+                                  # |z| <= (G-1)/sqrt(G) with the unbiased std (1.5 at G = 4)
+      adv_std_floor=1e-4,         # group spread floor relative to mean |r| (docs/method.md §7.2):
+                                  # near-tied groups get ~0 advantages, not float32 noise / 1e-8
       reward_clip=8.0,
       label_smoothing=0.1,
       disc_unfreeze_blocks=4,
@@ -289,6 +292,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f'[0, model.n_blocks={m.n_blocks}]')
   if d.num_iterations <= 0:
     raise ConfigError('distill.num_iterations must be positive')
+  if not 0 <= d.adv_std_floor < 1:
+    raise ConfigError(f'distill.adv_std_floor={d.adv_std_floor} must lie in [0, 1) '
+                      '(default 1e-4)')
   s = cfg.sampler
   if s.steps < 1:
     raise ConfigError(f'sampler.steps={s.steps} must be >= 1')

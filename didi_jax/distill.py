@@ -14,6 +14,7 @@ ONE all-[MASK] row and are broadcast (SPEC §7.4).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
@@ -33,7 +34,8 @@ Array = jax.Array
 PyTree = Any
 
 REWARD_EPS = 1e-6                  # log-odds offset: log(σ(d)+ε) − log(1−σ(d)+ε) (SPEC §7.2)
-ADV_EPS = 1e-8                     # group std offset (SPEC §7.1)
+ADV_STD_FLOOR = 1e-4               # default distill.adv_std_floor: spread floor / mean |r|
+ADV_FLOOR_ABS = 1e-4               # absolute spread floor: ~100x a reward's float32 rounding (§7.2)
 PROB_ZERO = diffusion.NEG_INF / 2  # log-probs at or below this count as probability 0
 OMEGA_CONSTANT = 1.0               # ω(t) in `omega.mode='constant'`
 
@@ -111,28 +113,64 @@ def reward_from_logits(d_NxL: Array, mk_NxL: Array, clip: float) -> Array:
   return jnp.sum(mk * log_odds(d_NxL, clip), axis=-1) / jnp.maximum(1.0, jnp.sum(mk, axis=-1))
 
 
-def _group_zscores(r_N: Array, group_size: int) -> Array:
-  r_BxG = r_N.reshape(-1, group_size)
+def group_spread(r_N: Array, group_size: int, std_floor: float) -> Tuple[Array, Array, Array]:
+  """Per-group mean, the floored spread max(std_G(ddof=1), δ_g) and whether the floor bound.
+
+  δ_g = max(ADV_FLOOR_ABS, std_floor · mean_G|r|): a group whose rewards agree to float32
+  rounding gets near-zero advantages instead of ±(rounding noise / 1e-8) (docs/method.md §7.2).
+  Shapes (B, 1), (B, 1), (B, 1) for B = N / G groups.
+  """
+  r_BxG = r_N.reshape(-1, group_size).astype(jnp.float32)
   mean = jnp.mean(r_BxG, axis=-1, keepdims=True)
   std = jnp.std(r_BxG, axis=-1, keepdims=True, ddof=1)
-  return ((r_BxG - mean) / (std + ADV_EPS)).reshape(r_N.shape)
+  floor = jnp.maximum(ADV_FLOOR_ABS, std_floor * jnp.mean(jnp.abs(r_BxG), axis=-1, keepdims=True))
+  return mean, jnp.maximum(std, floor), std < floor
 
 
-def group_advantages(r_N: Array, group_size: int, clip: float, enabled: bool = True) -> Array:
-  """A_N = clip((r − mean_G) / (std_G(ddof=1) + 1e-8), ±clip); raw r_N when not `enabled`.
+def group_zscores(r_N: Array, group_size: int, std_floor: float) -> Array:
+  """z_N = (r − mean_G) / max(std_G(ddof=1), δ_g), before clipping; |z| ≤ (G−1)/√G."""
+  mean, spread, _ = group_spread(r_N, group_size, std_floor)
+  r_BxG = r_N.reshape(-1, group_size).astype(jnp.float32)
+  return ((r_BxG - mean) / spread).reshape(r_N.shape)
 
-  Groups are consecutive rows g·G … g·G+G−1 (SPEC §7.1).
+
+def max_group_zscore(group_size: int) -> float:
+  """The largest |z| an unbiased-std z-score can reach in a group of G: (G−1)/√G (1.5 at G=4).
+
+  (Equality when one reward differs and the other G−1 agree.) So `adv_clip` binds only when
+  (G−1)/√G > adv_clip, i.e. G ≥ 11 for the default clip of 3.
+  """
+  return (group_size - 1) / math.sqrt(group_size)
+
+
+def group_advantages(r_N: Array, group_size: int, clip: float, enabled: bool = True,
+                     std_floor: float = ADV_STD_FLOOR) -> Array:
+  """A_N = clip((r − mean_G) / max(std_G(ddof=1), δ_g), ±clip); raw r_N when not `enabled`.
+
+  Groups are consecutive rows g·G … g·G+G−1 (docs/method.md §7.1); δ_g: `group_spread`.
   """
   if not enabled:
     return r_N
-  return jnp.clip(_group_zscores(r_N, group_size), -clip, clip)
+  return jnp.clip(group_zscores(r_N, group_size, std_floor), -clip, clip)
 
 
-def adv_clip_fraction(r_N: Array, group_size: int, clip: float, enabled: bool = True) -> Array:
-  """Fraction of rows whose group z-score lies outside ±clip (0 when normalisation is off)."""
+def advantage_metrics(r_N: Array, group_size: int, clip: float, enabled: bool = True,
+                      std_floor: float = ADV_STD_FLOOR) -> Dict[str, Array]:
+  """Diagnostics of grouped normalisation (empty when it is off).
+
+  'adv_zmax': the largest |z| before clipping (≤ (G−1)/√G); 'adv_floor_frac': the fraction of
+  groups whose spread hit the floor δ_g (near-tied rewards); 'adv_clip_frac': the fraction of rows
+  whose |z| exceeds `clip`, reported only when the clip can bind ((G−1)/√G > clip).
+  """
   if not enabled:
-    return jnp.zeros((), jnp.float32)
-  return jnp.mean((jnp.abs(_group_zscores(r_N, group_size)) > clip).astype(jnp.float32))
+    return {}
+  z = group_zscores(r_N, group_size, std_floor)
+  out = {'adv_zmax': jnp.max(jnp.abs(z)),
+         'adv_floor_frac': jnp.mean(group_spread(r_N, group_size, std_floor)[2]
+                                    .astype(jnp.float32))}
+  if max_group_zscore(group_size) > clip:
+    out['adv_clip_frac'] = jnp.mean((jnp.abs(z) > clip).astype(jnp.float32))
+  return out
 
 
 def _is_prob(logp: Array) -> Array:
@@ -406,7 +444,7 @@ def _masked_frac(pred_NxL, mk_NxL) -> Array:
 
 
 def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.GraphDef,
-                      disc_graphdef: nnx.GraphDef):
+                      disc_graphdef: nnx.GraphDef, *, with_aux: bool = False):
   """Builds step(state, teacher_params, x_data_BxL, key) -> (state, metrics) (SPEC §7.1).
 
   A pure function of its arguments, to be wrapped by the caller in
@@ -414,6 +452,11 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
   the same (state, batch, key) gives a bit-identical result (exact resume). `x_data_BxL` (rows of
   group g = rows g·G … g·G+G−1 after repeat-interleave; shard it over the batch axes as is) may be
   None when `real_source='teacher_samples'`. Graphdefs: `distill_state.make_graphdefs(cfg)`.
+
+  `with_aux=True` makes the step return (state, metrics, aux): every random draw and
+  intermediate of the iteration (τ, t_c, the rollout's x_τ and x_fake, both corruptions, the
+  discriminator logits before and after its update, rewards, advantages, ω, trajectory
+  log-probs, both gradients), so an independent reference can recompute the iteration.
   """
   d = cfg.distill
   net = dit_net(student_graphdef)
@@ -424,6 +467,7 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
   G = d.group_size
   L = cfg.model.length
   n_warm = int(d.disc_warmup_steps)
+  std_floor = float(d.get('adv_std_floor', ADV_STD_FLOOR))
   chunk_len = int(d.get('loss_chunk_len', 0))
   if d.group_norm and G < 2:
     raise ValueError('distill.group_size must be >= 2 for grouped normalisation (or set '
@@ -493,7 +537,7 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
     disc_new = nnx.merge(disc_graphdef, disc_train, state.disc_frozen, spectral)
     d_rew_NxL = jax.lax.stop_gradient(disc_new(z_fake_NxL, sig_c_N, update_spectral=False))
     r_N = reward_from_logits(d_rew_NxL, mk_fake_NxL, d.reward_clip)
-    adv_N = group_advantages(r_N, G, d.adv_clip, d.group_norm)
+    adv_N = group_advantages(r_N, G, d.adv_clip, d.group_norm, std_floor)
     w_N = omega(t_c_N, d)
     wa_N = jax.lax.stop_gradient(w_N * adv_N)
 
@@ -507,17 +551,18 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
       upd_S, opt_student = tx_student.update(g_S, state.opt_student, state.student)
       student = optax.apply_updates(state.student, upd_S)
       ema = jax.tree.map(lambda e, p: e + (1.0 - d.ema_decay) * (p - e), state.ema, student)
-      return student, opt_student, ema, _clean_norm(g_S), common.count_nonfinite(g_S)
+      return student, opt_student, ema, g_S, _clean_norm(g_S), common.count_nonfinite(g_S)
 
     def skip(_):
-      return (state.student, state.opt_student, state.ema, jnp.zeros((), jnp.float32),
+      return (state.student, state.opt_student, state.ema,
+              jax.tree.map(jnp.zeros_like, state.student), jnp.zeros((), jnp.float32),
               jnp.zeros((), jnp.float32))
     if n_warm > 0:
-      student, opt_student, ema, gnorm_S, nonfinite_S = jax.lax.cond(
+      student, opt_student, ema, g_S, gnorm_S, nonfinite_S = jax.lax.cond(
           k >= n_warm, student_update, skip, None)
       lr_student = jnp.where(k >= n_warm, sched_student(jnp.maximum(k - n_warm, 0)), 0.0)
     else:
-      student, opt_student, ema, gnorm_S, nonfinite_S = student_update(None)
+      student, opt_student, ema, g_S, gnorm_S, nonfinite_S = student_update(None)
       lr_student = sched_student(k)
 
     new_state = state.replace(
@@ -529,7 +574,6 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
         'd_acc_fake': _masked_frac(d_fake_NxL < 0, mk_fake_NxL),
         'reward_mean': jnp.mean(r_N),
         'reward_std': jnp.std(r_N),
-        'adv_clip_frac': adv_clip_fraction(r_N, G, d.adv_clip, d.group_norm),
         'kl_hi': diff['kl_hi'],
         'kl_lo': diff['kl_lo'],
         'entropy': diff['ent'],
@@ -544,7 +588,17 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
         'tau_mean': jnp.mean(tau_N),
         'masked_frac': jnp.mean(mk_fake_NxL.astype(jnp.float32)),
     }
+    metrics.update(advantage_metrics(r_N, G, d.adv_clip, d.group_norm, std_floor))
     if not kl_enabled(d):
       del metrics['kl_hi'], metrics['kl_lo']   # regulariser off: the teacher is not called
-    return new_state, {name: jnp.asarray(v, jnp.float32) for name, v in metrics.items()}
+    metrics = {name: jnp.asarray(v, jnp.float32) for name, v in metrics.items()}
+    if not with_aux:
+      return new_state, metrics
+    aux = {'tau_N': tau_N, 't_c_N': t_c_N, 'x_real_NxL': x_real_NxL,
+           'x_tau_NxL': aux['x_tau_NxL'], 'x_fake_NxL': x_fake_NxL,
+           'z_real_NxL': z_real_NxL, 'z_fake_NxL': z_fake_NxL,
+           'd_real_NxL': d_real_NxL, 'd_fake_NxL': d_fake_NxL, 'd_reward_NxL': d_rew_NxL,
+           'reward_N': r_N, 'adv_N': adv_N, 'omega_N': w_N, 'logp_N': diff['logp_N'],
+           'grad_student': g_S, 'grad_disc': g_D}
+    return new_state, metrics, aux
   return step

@@ -110,22 +110,79 @@ def test_reward_log_odds_clip_and_empty_rows():
   assert abs(lo[0, 2] - 8.0) < 1e-9 and abs(lo[0, 3] + 8.0) < 1e-9
 
 
+def np_group_advantages(r, G, clip, floor_rel=1e-4, floor_abs=1e-4):
+  """docs/method.md §7.2: z = (r − mean_G) / max(std_G(ddof=1), max(1e-4, floor·mean_G|r|))."""
+  g = np.asarray(r, np.float64).reshape(-1, G)
+  std = g.std(1, ddof=1, keepdims=True)
+  floor = np.maximum(floor_abs, floor_rel * np.abs(g).mean(1, keepdims=True))
+  z = (g - g.mean(1, keepdims=True)) / np.maximum(std, floor)
+  return np.clip(z, -clip, clip).ravel(), np.abs(z).ravel(), (std < floor).ravel()  # per group
+
+
 def test_group_advantages_normalise_and_clip():
   r = np.array([1.0, 2.0, 3.0, 10.0, 5.0, 5.0, 5.0, 5.0, 0.0, 0.0, 0.0, 100.0], np.float32)
-  g = r.reshape(3, 4).astype(np.float64)
-  z = (g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-8)
+  want, _, _ = np_group_advantages(r, 4, 3.0)
   for clip in (3.0, 1.0):
     got = distill.group_advantages(jnp.asarray(r), 4, clip, True)
-    np.testing.assert_allclose(np.asarray(got), np.clip(z, -clip, clip).ravel(), rtol=1e-5,
+    np.testing.assert_allclose(np.asarray(got), np.clip(want, -clip, clip), rtol=1e-5,
                                atol=1e-6)
-    frac = distill.adv_clip_fraction(jnp.asarray(r), 4, clip, True)
-    np.testing.assert_allclose(float(frac), (np.abs(z) > clip).mean(), atol=1e-7)
-  assert float(distill.adv_clip_fraction(jnp.asarray(r), 4, 1.0, True)) > 0
   # A constant group gets advantage 0; disabled normalisation returns raw rewards.
   np.testing.assert_allclose(np.asarray(distill.group_advantages(jnp.asarray(r), 4, 3.0))[4:8],
                              0.0, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(distill.group_advantages(jnp.asarray(r), 4, 3.0,
                                                                     False)), r)
+  assert distill.advantage_metrics(jnp.asarray(r), 4, 3.0, False) == {}
+
+
+def test_group_zscore_bound_and_clip_metric():
+  """|z| ≤ (G−1)/√G with the unbiased std, reached when one reward differs from G−1 equal ones:
+  at G = 4 the ±3 clip can never bind (no clip metric); at G = 16 it does."""
+  assert distill.max_group_zscore(4) == 1.5
+  rng = np.random.default_rng(0)
+  for G in (2, 4, 8):
+    r = rng.normal(size=(4000, G)).astype(np.float32)
+    r[:, 0] *= 50.0                       # heavy tails push towards the bound
+    z = np.asarray(distill.group_zscores(jnp.asarray(r.ravel()), G, 1e-4))
+    assert np.abs(z).max() <= distill.max_group_zscore(G) * (1 + 1e-4)
+  one_out = np.array([0, 0, 0, 1] * 2, np.float32)
+  met = distill.advantage_metrics(jnp.asarray(one_out), 4, 3.0)
+  np.testing.assert_allclose(float(met['adv_zmax']), 1.5, rtol=1e-6)
+  assert 'adv_clip_frac' not in met and float(met['adv_floor_frac']) == 0.0
+  r16 = np.zeros(32, np.float32)
+  r16[0] = 1.0                            # group 0: z = 15/4 = 3.75 at row 0
+  r16[16:] = rng.normal(size=16)
+  met16 = distill.advantage_metrics(jnp.asarray(r16), 16, 3.0)
+  _, absz, _ = np_group_advantages(r16, 16, 3.0)
+  np.testing.assert_allclose(float(met16['adv_clip_frac']), (absz > 3.0).mean(), atol=1e-7)
+  assert float(met16['adv_clip_frac']) == 1 / 32
+  np.testing.assert_allclose(np.asarray(distill.group_advantages(jnp.asarray(r16), 16, 3.0))[0],
+                             3.0)
+
+
+def test_near_tied_group_gets_no_advantage_from_rounding():
+  """Rewards equal up to float32 rounding — around e, and around 0 as a discriminator that
+  outputs 0 everywhere gives — get |A| ≪ 1 from the spread floor (the official std + 1e-8 gives
+  ±0.87, full-size advantages from noise); a real spread is untouched."""
+  base = np.float32(2.7182817)
+  ulp = np.spacing(base)
+  tied = np.array([base, base + ulp, base - ulp, base], np.float32)
+  real = np.array([2.0, 2.5, 3.0, 2.2], np.float32)
+  zero = np.array([1.2e-7, 0.0, 5e-8, -1.2e-7], np.float32)
+  r = jnp.asarray(np.concatenate([tied, real, zero]))
+  adv = np.asarray(distill.group_advantages(r, 4, 3.0))
+  for g in (tied, zero):
+    old = (g - g.mean()) / (g.astype(np.float64).std(ddof=1) + 1e-8)
+    assert np.abs(old).max() > 0.5          # what the unfloored formula does
+  assert np.abs(adv[:4]).max() < 1e-2 and np.abs(adv[8:]).max() < 1e-2
+  want, _, floored = np_group_advantages(np.asarray(r), 4, 3.0)
+  np.testing.assert_allclose(adv, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(floored, [True, False, True])
+  met = distill.advantage_metrics(r, 4, 3.0)
+  np.testing.assert_allclose(float(met['adv_floor_frac']), 2 / 3)
+  # Zero floor reproduces plain z-scores of the real group.
+  z = (real - real.mean()) / real.astype(np.float64).std(ddof=1)
+  np.testing.assert_allclose(np.asarray(distill.group_advantages(r, 4, 3.0, True, 0.0))[4:8], z,
+                             rtol=1e-5)
 
 
 def _subs_like(rng, shape):
@@ -367,10 +424,22 @@ def test_policy_gradient_matches_exact_gradient(score_decomposition, rollout):
   # forward are independent.
   assert len({tuple(r) for r in np.asarray(x)[:50]}) > 5
   np.testing.assert_allclose(np.mean(np.asarray(x) == m), rho, atol=0.01)
-  # Standard error of each MC gradient entry ≈ sqrt(E[R²]·p(1−p)/N) ≈ 0.007; ~8 SE. A wrong
-  # estimator (double counting, missing step, mask positions) is off by > 0.2.
-  np.testing.assert_allclose(np.asarray(g_mc['nu'])[:, :m], np.asarray(g_exact)[:, :m],
-                             atol=0.06)
+  # Per-row contributions in closed form: ∇_{ν_l} log softmax(ν_l)_v = e_v − q_l at each revealed
+  # position (each position is revealed once, in step 1 or 2, from the same q_l). Their mean is
+  # the estimator itself; their spread gives each entry's standard error.
+  xs = np.asarray(x)
+  q = np.asarray(jax.nn.softmax(nu.at[:, m].set(-jnp.inf), axis=-1), np.float64)
+  Rx = np.asarray(R, np.float64)[xs[:, 0], xs[:, 1]]
+  onehot = np.eye(V)[xs]                                             # (N, L, V)
+  revealed = (xs != m)[..., None]
+  contrib = -Rx[:, None, None] * revealed * (onehot - q[None])
+  np.testing.assert_allclose(np.asarray(g_mc['nu']), contrib.mean(0), rtol=1e-3, atol=1e-4)
+  se = contrib.std(0, ddof=1) / np.sqrt(N)
+  assert se[:, :m].max() < 0.01
+  # Within 4 standard errors entrywise. A wrong estimator (double counting, a missing step,
+  # mask positions counted) is off by > 0.2.
+  z = np.abs(np.asarray(g_mc['nu']) - np.asarray(g_exact))[:, :m] / se[:, :m]
+  assert z.max() < 4.0, z
   assert float(np.abs(np.asarray(g_exact)).max()) > 0.2     # a non-trivial gradient
   np.testing.assert_allclose(np.asarray(g_mc['nu'])[:, m], 0.0, atol=1e-6)  # [MASK]: no grad
 

@@ -62,3 +62,27 @@ def test_params_are_born_sharded():
   assert qkv.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
   assert len(qkv.addressable_shards) == 8
   assert qkv.addressable_shards[0].data.shape == (32, 96)
+
+
+def test_ema_warmup_and_lr_closed_form():
+  """EMA with MDLM's warm-up: ema_{n+1} = ema_n + (1 − d_n)(θ_{n+1} − ema_n),
+  d_n = min(decay, (1 + n)/(10 + n)) for 0-based step n; lr_n = P·min(1, (n + 1)/W)
+  (docs/method.md §4)."""
+  cfg = small_cfg()
+  cfg.pretrain.ema_decay = 0.2         # the cap binds from n = 2 on: (1+2)/(10+2) = 0.25 > 0.2
+  tr = pretrain.Trainer(cfg, '/tmp/unused', devices=jax.devices()[:1])
+  state = tr.fresh_state()
+  rng = np.random.RandomState(0)
+  ema = [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.device_get(state['ema']))]
+  for n in range(4):
+    x = rng.randint(0, 257, (8, 16)).astype(np.int32)
+    state, m = tr.train_step(state, parallel.global_batch(tr.mesh, x), tr.run_key)
+    theta = [np.asarray(p, np.float64) for p in jax.tree.leaves(jax.device_get(state['params']))]
+    d = min(0.2, (1 + n) / (10 + n))
+    ema = [e + (1 - d) * (t - e) for e, t in zip(ema, theta)]
+    got = [np.asarray(e) for e in jax.tree.leaves(jax.device_get(state['ema']))]
+    for a, b in zip(got, ema):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(m['lr']), 0.1 * min(1.0, (n + 1) / 2), rtol=1e-6)
+  # The EMA differs from the parameters (the warm-up did not collapse it onto θ).
+  assert max(float(np.abs(a - b).max()) for a, b in zip(ema, theta)) > 1e-4
