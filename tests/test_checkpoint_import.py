@@ -266,18 +266,6 @@ def test_safetensors_interop_with_the_reference_library(tmp_path):
   assert back['x'].dtype == bf['x'].dtype and np.array_equal(back['x'], bf['x'])
 
 
-def test_cross_check_with_torch_if_installed(tmp_path):
-  torch = pytest.importorskip('torch')
-  sd = collections.OrderedDict(w=torch.randn(3, 4), b=torch.randn(4).to(torch.bfloat16),
-                               t=torch.randn(4, 3).t())
-  torch.save({'state_dict': sd}, tmp_path / 't.ckpt')
-  got = torch_ckpt.load(str(tmp_path / 't.ckpt'))['state_dict']
-  for k, v in sd.items():
-    assert np.array_equal(got[k].astype(np.float32), v.float().numpy())
-  torch_ckpt.save({'w': np.arange(6, dtype=np.float32).reshape(2, 3)}, str(tmp_path / 'o.ckpt'))
-  assert torch.equal(torch.load(tmp_path / 'o.ckpt')['w'], torch.arange(6.).reshape(2, 3))
-
-
 # ------------------------------------------------------------------------------------------------
 # parity with the NumPy reference
 

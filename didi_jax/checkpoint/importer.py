@@ -100,6 +100,7 @@ def _read_tensor_file(path: str) -> tuple[dict, dict]:
   if path.endswith('.safetensors'):
     return torch_ckpt.read_safetensors(path)
   obj = torch_ckpt.load(path)
+  refuse_pickled_objects(obj, path)
   if isinstance(obj, Mapping) and all(isinstance(v, np.ndarray) for v in obj.values()):
     return dict(obj), {}
   raise CheckpointError(f'{path} is not a flat {{name: tensor}} file')
@@ -112,6 +113,27 @@ def _read_sharded(path: str, index: str) -> dict:
   for shard in sorted(set(weight_map.values())):
     tensors.update(_read_tensor_file(os.path.join(path, shard))[0])
   return tensors
+
+
+def refuse_pickled_objects(obj: Any, label: str) -> None:
+  """One-line CheckpointError if a pickled object (a torch_ckpt.Stub: an unknown global, never
+  called) stands where tensors are read: the file itself, state_dict values, ema.shadow_params
+  entries, or the values of a flat state dict. Stubs elsewhere (hyper_parameters) are fine."""
+  places = [('the top-level object', obj)]
+  if isinstance(obj, Mapping):
+    sd = obj.get('state_dict', obj)
+    if isinstance(sd, Mapping):
+      places += [(f'state_dict[{k!r}]' if sd is not obj else repr(k), v) for k, v in sd.items()]
+    ema = obj.get('ema')
+    shadow = ema.get('shadow_params') if isinstance(ema, Mapping) else None
+    if isinstance(shadow, (list, tuple)):
+      places += [(f'ema.shadow_params[{i}]', v) for i, v in enumerate(shadow)]
+  for where, value in places:
+    if isinstance(value, torch_ckpt.Stub):
+      raise CheckpointError(
+          f'{label}: {where} is a pickled {value.module}.{value.name} object where tensors belong: '
+          'refusing the file (nothing in it was run); load only checkpoints you trust, saved as '
+          'plain tensors')
 
 
 def open_source(source: str) -> Source:
@@ -131,6 +153,7 @@ def open_source(source: str) -> Source:
     obj = torch_ckpt.load(path)
   except torch_ckpt.TorchFormatError as e:
     raise CheckpointError(f'{label}: {e}') from None
+  refuse_pickled_objects(obj, label)
   if isinstance(obj, Mapping) and 'state_dict' in obj:
     return Source(label, 'lightning', ckpt=obj)
   if isinstance(obj, Mapping) and obj and all(isinstance(v, np.ndarray) for v in obj.values()):
@@ -344,8 +367,10 @@ def _problems(tensors: Mapping[str, Any], cfg, role: str, ignore: tuple = ()
     elif np.asarray(arr).dtype.name not in _FLOAT_DTYPES:
       misshaped.append(f'{name} has dtype {np.asarray(arr).dtype}, not a float type')
   if names.INV_FREQ in tensors and not any(m.startswith(names.INV_FREQ) for m in misshaped):
-    want = names.inv_freq(cfg.hidden_size // cfg.n_heads)
-    got_f = np.asarray(tensors[names.INV_FREQ], np.float32)
+    stored = np.asarray(tensors[names.INV_FREQ])
+    # Rounded to the stored dtype: a bf16/fp16 checkpoint holds the buffer in that precision.
+    want = names.inv_freq(cfg.hidden_size // cfg.n_heads).astype(stored.dtype).astype(np.float32)
+    got_f = stored.astype(np.float32)
     if not np.allclose(got_f, want, rtol=1e-6, atol=0):
       misshaped.append(f'{names.INV_FREQ} differs from the recomputed 10000^(-2j/'
                        f'{cfg.hidden_size // cfg.n_heads}) (max diff '

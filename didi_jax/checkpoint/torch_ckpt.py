@@ -3,7 +3,8 @@
 PyTorch's `torch.save` format (also Lightning `.ckpt` and HF `pytorch_model.bin`) is a zip holding
 `<root>/data.pkl` (a protocol-2 pickle) and one raw little-endian storage per `<root>/data/<key>`.
 Tensors are pickled as `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`,
-storages as persistent ids `('storage', torch.FloatStorage, key, location, numel)`.
+storages as persistent ids `('storage', torch.FloatStorage, key, location, numel)`. Dtypes without
+a typed storage class (float8, uint16/32/64) use `_rebuild_tensor_v3(UntypedStorage, ..., dtype)`.
 
 `load` unpickles with a restricted Unpickler: tensors become numpy arrays (bfloat16 / float8 through
 ml_dtypes), a short list of harmless builtins / collections / numpy reconstructors is allowed, and
@@ -51,6 +52,12 @@ STORAGE_DTYPES = {
     'UntypedStorage': np.dtype(np.uint8),
 }
 _DTYPE_TO_STORAGE = {v: k for k, v in STORAGE_DTYPES.items() if k != 'UntypedStorage'}
+# dtypes torch has no typed storage class for: pickled as _rebuild_tensor_v3(UntypedStorage, ...,
+# torch.<dtype>), as torch.save writes them.
+V3_DTYPES = {'float8_e4m3fn': np.dtype(ml_dtypes.float8_e4m3fn),
+             'float8_e5m2': np.dtype(ml_dtypes.float8_e5m2), 'uint16': np.dtype(np.uint16),
+             'uint32': np.dtype(np.uint32), 'uint64': np.dtype(np.uint64)}
+_V3_NAME = {v: k for k, v in V3_DTYPES.items()}
 
 
 class TorchFormatError(ValueError):
@@ -129,7 +136,17 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
     raise TorchFormatError(f'tensor with size {size} and stride {stride} overruns its storage')
   base = np.ascontiguousarray(storage[storage_offset:last + 1])
   strides = tuple(st * base.itemsize for st in stride)
-  return np.lib.stride_tricks.as_strided(base, size, strides).copy()
+  raw = base.view(np.dtype((np.void, base.itemsize)))   # as_strided rejects float8 dtypes
+  return np.lib.stride_tricks.as_strided(raw, size, strides).copy().view(base.dtype)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
+                       *unused):
+  """`torch._utils._rebuild_tensor_v3`: an untyped (byte) storage viewed as `dtype`."""
+  del requires_grad, backward_hooks, unused
+  if not isinstance(dtype, np.dtype):
+    raise TorchFormatError(f'tensor of unsupported dtype {dtype!r}')
+  return _rebuild_tensor(storage.view(np.uint8).view(dtype), storage_offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *unused):
@@ -156,6 +173,7 @@ _ALLOWED = {
     ('copyreg', '_reconstructor'): _safe_reconstructor,
     ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
     ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
+    ('torch._utils', '_rebuild_tensor_v3'): _rebuild_tensor_v3,
     ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
     ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
     ('torch', 'Size'): tuple,
@@ -165,6 +183,7 @@ for _mod in ('numpy.core.multiarray', 'numpy._core.multiarray'):
   _ALLOWED[(_mod, '_reconstruct')] = _np_multiarray._reconstruct
   _ALLOWED[(_mod, 'scalar')] = _np_multiarray.scalar
 _ALLOWED[('numpy', 'ndarray')] = np.ndarray
+_ALLOWED.update({('torch', name): dtype for name, dtype in V3_DTYPES.items()})
 _ALLOWED[('numpy', 'dtype')] = np.dtype
 
 
@@ -269,6 +288,9 @@ class _Global:
 
 
 _REBUILD_V2 = _Global('torch._utils', '_rebuild_tensor_v2')
+_REBUILD_V3 = _Global('torch._utils', '_rebuild_tensor_v3')
+_UNTYPED_STORAGE = _Global('torch.storage', 'UntypedStorage')
+_V3_GLOBALS = {dtype: _Global('torch', name) for name, dtype in V3_DTYPES.items()}
 _STORAGE_GLOBALS = {name: _Global('torch', name) for name in STORAGE_DTYPES}
 
 
@@ -299,6 +321,8 @@ class _Pickler(pickle._Pickler):  # pure-Python pickler: its dispatch table is e
       if id(obj) not in self._storage_ids:
         self._storage_ids[id(obj)] = obj
         self.storages.append(obj)
+      if obj.data.dtype in _V3_NAME:
+        return ('storage', _UNTYPED_STORAGE, obj.key, 'cpu', int(obj.data.nbytes))
       name = _DTYPE_TO_STORAGE[obj.data.dtype]
       return ('storage', _STORAGE_GLOBALS[name], obj.key, 'cpu', int(obj.data.size))
     return None
@@ -307,20 +331,25 @@ class _Pickler(pickle._Pickler):  # pure-Python pickler: its dispatch table is e
     self.write(pickle.GLOBAL + obj.module.encode() + b'\n' + obj.name.encode() + b'\n')
     self.memoize(obj)
 
+  def _reduce_tensor(self, storage: _Storage, offset, size, stride, obj):
+    args = (storage, int(offset), tuple(int(s) for s in size), tuple(int(s) for s in stride),
+            False, collections.OrderedDict())
+    if storage.data.dtype in _V3_NAME:
+      self.save_reduce(_REBUILD_V3, args + (_V3_GLOBALS[storage.data.dtype],), obj=obj)
+    else:
+      self.save_reduce(_REBUILD_V2, args, obj=obj)
+
   def _save_tensor(self, obj: _Tensor):
-    args = (obj.storage, int(obj.offset), tuple(int(s) for s in obj.size),
-            tuple(int(s) for s in obj.stride), False, collections.OrderedDict())
-    self.save_reduce(_REBUILD_V2, args, obj=obj)
+    self._reduce_tensor(obj.storage, obj.offset, obj.size, obj.stride, obj)
 
   def _save_ndarray(self, arr: np.ndarray):
-    if arr.dtype not in _DTYPE_TO_STORAGE:
+    if arr.dtype not in _DTYPE_TO_STORAGE and arr.dtype not in _V3_NAME:
       raise TypeError(f'cannot store dtype {arr.dtype} in a torch file')
     storage = _Storage(str(self._next_key), np.ascontiguousarray(arr).reshape(-1))
     self._next_key += 1
     size = tuple(int(s) for s in arr.shape)
     stride = tuple(int(np.prod(size[i + 1:])) for i in range(len(size)))
-    self.save_reduce(_REBUILD_V2, (storage, 0, size, stride, False, collections.OrderedDict()),
-                     obj=arr)
+    self._reduce_tensor(storage, 0, size, stride, arr)
 
   dispatch[_Global] = _save_global_ref
   dispatch[_Tensor] = _save_tensor
