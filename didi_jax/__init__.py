@@ -1,8 +1,8 @@
 """didi_jax: DiDi-Instruct (Discrete Diffusion Divergence Instruct) in JAX/Flax.
 
 Python API:
-  load_denoiser(SOURCE, dtype=jnp.float32) -> (ids_BxL | probs_BxLxV, sigma_B) -> logits_BxLxV
-  load_discriminator(SOURCE, dtype=jnp.float32) -> (ids_BxL | probs_BxLxV, sigma_B) -> logits_BxL
+  load_denoiser(SOURCE, dtype=jnp.float32) -> (ids_BxL | logits_BxLxV, sigma_B) -> logits_BxLxV
+  load_discriminator(SOURCE, dtype=jnp.float32) -> (ids_BxL | logits_BxLxV, sigma_B) -> logits_BxL
 """
 __version__ = '0.1.0'
 

@@ -2,10 +2,15 @@
 
     denoise = load_denoiser('hf:haoyangzheng/didi-instruct-small')
     logits_BxLxV = denoise(ids_BxL, sigma_B)          # raw logits, as the official DiT returns
+    logits_BxLxV = denoise(soft_logits_BxLxV, sigma_B)  # soft input: logits, softmax inside
+
+A 3-D input is a soft input read as the official model reads it: logits, h = softmax_V(logits) @ E
+in float32 (docs/method.md §3.2). soft_input='probs' reads it as probabilities instead (the path
+RGAS uses internally).
 
 `source` is anything `didi_jax.checkpoint.importer` reads (file, directory, hf:ORG/NAME). With
 dtype=float32 every matmul runs in float32 (parity with the PyTorch model); with bfloat16 the model
-follows the official bf16-autocast policy and returns bf16 logits (SPEC §3.2).
+follows the official bf16-autocast policy and returns bf16 logits (docs/method.md §3.2).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from flax import nnx
 from didi_jax import config as config_lib
 from didi_jax.checkpoint import importer
 from didi_jax.checkpoint import names
+from didi_jax.models import dit
 
 Array = jax.Array
 
@@ -48,44 +54,64 @@ class _Loaded:
     self.model_cfg = model_cfg
     self.graphdef, self.state = nnx.split(model)
     graphdef = self.graphdef
-    self._fn = jax.jit(lambda state, x, sigma: forward(nnx.merge(graphdef, state), x, sigma))
+    self._fn = jax.jit(
+        lambda state, x, sigma, soft_input: forward(nnx.merge(graphdef, state), x, sigma,
+                                                    soft_input),
+        static_argnames='soft_input')
     self._precision = 'float32' if model_cfg.compute_dtype == 'float32' else None
 
   @property
   def model(self) -> nnx.Module:
     return nnx.merge(self.graphdef, self.state)
 
-  def _run(self, x, sigma):
+  def _run(self, x, sigma, soft_input: str):
+    dit.check_soft_input(soft_input)
     x = jnp.asarray(x)
     if x.ndim not in (2, 3):
-      raise ValueError(f'input has shape {x.shape}: pass ids (B, L) or probabilities (B, L, V)')
-    if x.ndim == 3 and x.shape[-1] != self.model_cfg.vocab_size:
-      raise ValueError(f'soft input has {x.shape[-1]} classes but the model has vocab '
-                       f'{self.model_cfg.vocab_size}')
+      raise ValueError(f'input has shape {x.shape}: pass ids (B, L) or logits (B, L, V)')
+    if x.ndim == 2 and not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f'2-D input has dtype {x.dtype}: ids must be integers (a soft input is '
+                       'logits (B, L, V))')
+    if x.ndim == 3:
+      if x.shape[-1] != self.model_cfg.vocab_size:
+        raise ValueError(f'soft input has {x.shape[-1]} classes but the model has vocab '
+                         f'{self.model_cfg.vocab_size}')
+      if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f'soft input has dtype {x.dtype}: pass float logits (B, L, V)')
     sigma_B = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32).reshape(-1), (x.shape[0],))
     if self._precision:
       with jax.default_matmul_precision(self._precision):
-        return self._fn(self.state, x, sigma_B)
-    return self._fn(self.state, x, sigma_B)
+        return self._fn(self.state, x, sigma_B, soft_input)
+    return self._fn(self.state, x, sigma_B, soft_input)
 
 
 class Denoiser(_Loaded):
-  """(ids_BxL | probs_BxLxV, sigma_B) -> raw logits_BxLxV (no SUBS, as the official DiT)."""
+  """(ids_BxL | logits_BxLxV, sigma_B) -> raw logits_BxLxV (no SUBS, as the official DiT).
 
-  def __call__(self, x, sigma) -> Array:
-    return self._run(x, sigma)
+  A 3-D input is logits (softmax inside, as the official model); soft_input='probs' reads it as
+  probabilities.
+  """
+
+  def __call__(self, x, sigma, *, soft_input: str = 'logits') -> Array:
+    return self._run(x, sigma, soft_input)
 
 
 class DiscriminatorFn(_Loaded):
-  """(ids_BxL | probs_BxLxV, sigma_B) -> logits_BxL (eval mode: stored spectral u, v)."""
+  """(ids_BxL | logits_BxLxV, sigma_B) -> logits_BxL (eval mode: stored spectral u, v).
 
-  def __call__(self, x, sigma) -> Array:
-    return self._run(x, sigma)
+  A 3-D input is logits (softmax inside, as the official model); soft_input='probs' reads it as
+  probabilities (what RGAS passes, so this callable can serve as its `disc_fn`).
+  """
+
+  def __call__(self, x, sigma, *, soft_input: str = 'logits') -> Array:
+    return self._run(x, sigma, soft_input)
 
 
 def load_denoiser(source: str, dtype=jnp.float32, size: Union[None, str, object] = None, *,
                   network: str = 'auto', weights: str = 'ema', length: int = 1024) -> Denoiser:
   """A DiT denoiser from a checkpoint (the student EMA of a DiDi source, else the teacher).
+
+  The callable takes ids (B, L) or, as the official DiT, soft-input logits (B, L, V), and σ (B,).
 
   size: None infers the sizes from tensor shapes; a preset name ('small', ...) or a model config.
   network / weights: see importer.import_dit.
@@ -95,14 +121,18 @@ def load_denoiser(source: str, dtype=jnp.float32, size: Union[None, str, object]
   if network == 'auto':
     network = 'student_ema' if importer.is_didi(src) else 'teacher'
   model = importer.load_params(src, cfg, network, weights=weights)
-  return Denoiser(model, cfg, lambda m, x, s: m(x, s))
+  return Denoiser(model, cfg, lambda m, x, s, soft: m(x, s, soft_input=soft))
 
 
 def load_discriminator(source: str, dtype=jnp.float32, size: Union[None, str, object] = None, *,
                        length: int = 1024) -> DiscriminatorFn:
-  """The DiDi discriminator from a checkpoint: per-token logits (high = real), eval mode."""
+  """The DiDi discriminator from a checkpoint: per-token logits (high = real), eval mode.
+
+  The callable takes ids (B, L) or, as the official model, soft-input logits (B, L, V), and σ (B,).
+  """
   src = importer.open_source(source)
   cfg = _model_config(src, names.DISCRIMINATOR, size, dtype, length)
   model = importer.load_params(src, cfg, 'discriminator')
-  return DiscriminatorFn(model, cfg, lambda m, x, s: m(x, s, update_spectral=False))
+  return DiscriminatorFn(model, cfg,
+                         lambda m, x, s, soft: m(x, s, soft_input=soft, update_spectral=False))
 

@@ -1,4 +1,4 @@
-"""An independent NumPy forward of the official DiT and discriminator (SPEC §3.2, §5.3).
+"""An independent NumPy forward of the official DiT and discriminator (docs/method.md §3.2, §5.3).
 
 Written from the specification, not from our Flax code: it reads a dict of tensors under the
 OFFICIAL names in PyTorch layout (Linear weight = (out, in), y = x Wᵀ + b) and computes in float64
@@ -58,13 +58,17 @@ def _rotary(x_BxLxHxD, dtype):
 
 
 def trunk(t: Mapping, x, sigma_B, n_heads: int, dtype=np.float64):
-  """Embedding, conditioning and all blocks: returns (h_BxLxD, c_BxC)."""
+  """Embedding, conditioning and all blocks: returns (h_BxLxD, c_BxC).
+
+  x: ids (B, L), or a soft input (B, L, V) read as the official model reads it: logits,
+  h = softmax_V(logits) @ E (softmax in `dtype`).
+  """
   E = np.asarray(t['vocab_embed.embedding'], dtype)
   x = np.asarray(x)
   if np.issubdtype(x.dtype, np.integer):
     h = E[x]
-  else:                                       # soft input: probabilities (B, L, V) @ E
-    h = np.asarray(x, dtype) @ E
+  else:                                       # soft input: logits (B, L, V), softmax inside
+    h = _softmax(np.asarray(x, dtype)) @ E
   phi = timestep_embedding(sigma_B, dtype)
   c = _silu(_linear(_silu(_linear(phi, t, 'sigma_map.mlp.0', dtype)), t, 'sigma_map.mlp.2', dtype))
   B, L, D = h.shape

@@ -12,12 +12,14 @@ import pickle
 import sys
 import zipfile
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
 
+import didi_jax
 from didi_jax import api
 from didi_jax.checkpoint import convert
 from didi_jax.checkpoint import exporter
@@ -101,9 +103,8 @@ def inputs(seed=0):
   rng = np.random.default_rng(seed)
   ids = rng.integers(0, VOCAB, (B, L)).astype(np.int32)
   ids[:, ::3] = VOCAB - 1                               # some [MASK] tokens
-  logits = rng.standard_normal((B, L, VOCAB)) * 2
-  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-  return ids, probs.astype(np.float32)
+  logits = rng.standard_normal((B, L, VOCAB)) * 2       # a soft input is logits (official)
+  return ids, logits.astype(np.float32)
 
 
 def rel_err(a, b):
@@ -278,13 +279,13 @@ def test_teacher_parity_hf_layout_ids_soft_and_sigma(tmp_path):
   cfg = denoise.model_cfg
   assert (cfg.hidden_size, cfg.n_blocks, cfg.n_heads, cfg.mlp_dim, cfg.cond_dim,
           cfg.vocab_size) == (D, BLOCKS, HEADS, MLP, COND, VOCAB)
-  ids, probs = inputs()
+  ids, logits = inputs()
   for sigma in (np.zeros(B, np.float32), np.array([0.3, 4.0], np.float32)):
     want = ref.dit_forward(t, ids, sigma, HEADS)
     got = denoise(ids, sigma)
     assert got.dtype == jnp.float32 and got.shape == (B, L, VOCAB)
     assert rel_err(got, want) < 1e-5
-    assert rel_err(denoise(probs, sigma), ref.dit_forward(t, probs, sigma, HEADS)) < 1e-5
+    assert rel_err(denoise(logits, sigma), ref.dit_forward(t, logits, sigma, HEADS)) < 1e-5
   assert np.all(np.asarray(got)[..., VOCAB - 1] == np.asarray(t['output_layer.linear.bias'])[-1])
   # bf16 mode follows the official autocast policy: bf16 logits, close to the reference.
   bf = api.load_denoiser(path, dtype=jnp.bfloat16)
@@ -319,15 +320,80 @@ def test_didi_ckpt_import_discriminator_parity_and_spectral_weights(tmp_path):
     want = ref.spectral_weight(disc, f'output_layer.main.{j}')
     assert rel_err(np.asarray(layer.effective_kernel(update=False)).T, want) < 1e-6
   judge = api.load_discriminator(path)
-  ids, probs = inputs(1)
+  ids, logits = inputs(1)
   sigma = np.array([0.0, 2.5], np.float32)
   got = judge(ids, sigma)
   assert got.shape == (B, L) and got.dtype == jnp.float32
   assert rel_err(got, ref.discriminator_forward(disc, ids, sigma, HEADS)) < 1e-5
-  assert rel_err(judge(probs, sigma), ref.discriminator_forward(disc, probs, sigma, HEADS)) < 1e-5
+  assert rel_err(judge(logits, sigma), ref.discriminator_forward(disc, logits, sigma, HEADS)) < 1e-5
   # The DiDi denoiser is the student EMA, which the shared compile cache can run too.
   denoise = api.load_denoiser(path)
   assert rel_err(denoise(ids, sigma), ref.dit_forward(ema, ids, sigma, HEADS)) < 1e-5
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def soft_logits(seed):
+  """Random soft-input logits (B, L, V), float32, with a wide range: N(0, 3²) entries, some rows
+  with −1e4 entries, and one-hot·1e9 rows (how the official RGAS feeds revealed tokens)."""
+  rng = np.random.default_rng(seed)
+  logits = rng.standard_normal((B, L, VOCAB)) * 3
+  logits[:, 1::4, : VOCAB // 2] = -1e4
+  logits[:, 2::5] = 1e9 * np.eye(VOCAB)[rng.integers(0, VOCAB - 1, (B, len(range(2, L, 5))))]
+  return logits.astype(np.float32)
+
+
+def test_soft_input_is_logits_as_the_official_model(tmp_path):
+  """A 3-D input is logits (h = softmax_V(logits) @ E), as in the official DiT (docs/method.md
+  §3.2, §3.4): the loaded denoiser and discriminator match the NumPy reference of the official
+  forward on the same random logits and σ, and on ids."""
+  student, disc = official(11), official(12, 'discriminator')
+  torch_ckpt.write_safetensors(student, str(tmp_path / 'model.safetensors'))   # HF DiDi layout
+  torch_ckpt.write_safetensors(disc, str(tmp_path / 'discriminator.safetensors'))
+  denoise = didi_jax.load_denoiser(str(tmp_path))
+  judge = didi_jax.load_discriminator(str(tmp_path))
+  ids, _ = inputs(2)
+  logits = soft_logits(3)
+  for sigma in (np.array([0.0, 0.0], np.float32), np.array([0.7, 3.0], np.float32)):
+    for x in (logits, ids):
+      got, want = denoise(x, sigma), ref.dit_forward(student, x, sigma, HEADS)
+      assert got.shape == (B, L, VOCAB) and rel_err(got, want) < 1e-4
+      got, want = judge(x, sigma), ref.discriminator_forward(disc, x, sigma, HEADS)
+      assert got.shape == (B, L) and rel_err(got, want) < 1e-4
+  # Logits, not probabilities: feeding softmax(logits) as if it were logits is far off.
+  probs = _softmax(logits.astype(np.float64)).astype(np.float32)
+  assert rel_err(denoise(probs, sigma), ref.dit_forward(student, logits, sigma, HEADS)) > 1e-2
+  # One-hot·1e9 logits reproduce the ids (the official RGAS input at revealed rows).
+  onehot = (1e9 * np.eye(VOCAB)[ids]).astype(np.float32)
+  np.testing.assert_allclose(denoise(onehot, sigma), denoise(ids, sigma), rtol=0, atol=1e-5)
+  np.testing.assert_allclose(judge(onehot, sigma), judge(ids, sigma), rtol=0, atol=1e-5)
+  with pytest.raises(ValueError, match="soft_input='probability' is not valid"):
+    denoise(logits, sigma, soft_input='probability')
+  with pytest.raises(ValueError, match='ids must be integers'):
+    judge(logits[..., 0], sigma)
+
+
+def test_probs_path_on_softmax_equals_the_logits_path(tmp_path):
+  """soft_input='probs' (what RGAS feeds) on softmax(logits) == the official logits path."""
+  student, disc = official(11), official(12, 'discriminator')
+  torch_ckpt.write_safetensors(student, str(tmp_path / 'model.safetensors'))
+  torch_ckpt.write_safetensors(disc, str(tmp_path / 'discriminator.safetensors'))
+  denoise = didi_jax.load_denoiser(str(tmp_path))
+  judge = didi_jax.load_discriminator(str(tmp_path))
+  logits = soft_logits(4)
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+  sigma = np.array([0.2, 1.5], np.float32)
+  for fn in (denoise, judge):
+    np.testing.assert_allclose(fn(probs, sigma, soft_input='probs'), fn(logits, sigma),
+                               rtol=0, atol=1e-6 * float(np.max(np.abs(fn(logits, sigma)))))
+  # The embedding itself: bit-equal.
+  emb = denoise.model.vocab_embed
+  run = jax.jit(lambda x, soft: emb(x, soft), static_argnums=1)
+  np.testing.assert_array_equal(run(jnp.asarray(probs), 'probs'),
+                                run(jnp.asarray(logits), 'logits'))
 
 
 def test_duo_lightning_teacher_ema_maps_by_registration_order(tmp_path):

@@ -61,12 +61,23 @@ def fake_denoiser(x_BxL, sigma_B):
   return W + U[prev] + 0.0 * sigma_B[:, None, None]
 
 
-def fake_disc(x, sigma_B, beta=2.0):
-  """High logit where the token is FAV: β·1[x = FAV] on ids, β·q_FAV on probabilities."""
+def fake_disc(x, sigma_B, beta=2.0, soft_input='logits'):
+  """High logit where the token is FAV: β·1[x = FAV] on ids, β·q_FAV on probabilities (RGAS
+  must name the probability path: soft_input='probs')."""
   del sigma_B
   if jnp.issubdtype(x.dtype, jnp.integer):
     return beta * (x == FAV).astype(jnp.float32)
+  assert soft_input == 'probs', soft_input
   return beta * x[..., FAV]
+
+
+def probs_only(fn):
+  """A soft-input disc_fn(q, σ) wrapped to check that RGAS passes soft_input='probs'."""
+
+  def disc(q, sigma_B, soft_input='logits'):
+    assert soft_input == 'probs', soft_input
+    return fn(q, sigma_B)
+  return disc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +126,7 @@ def test_tilt_gradient_closed_form(output):
   x = jnp.array([[MASK, 1, MASK, MASK], [0, MASK, MASK, 3], [MASK, MASK, MASK, MASK]])
   beta = jnp.array([3.0, -1.0, 0.5, 2.0, 1.5])
   sigma = jnp.array([0.0, 0.5, 2.0])
-  disc = lambda q, s: (1 + s)[:, None] * (q @ beta)
+  disc = probs_only(lambda q, s: (1 + s)[:, None] * (q @ beta))
   ell = ancestral.sampling_logits(raw, MASK, output, Regime())
   grad = jit(lambda e: rgas.tilt_gradient(disc, e, x, sigma, MASK, clip=1.0, output=output))
   g = np.asarray(grad(ell))
@@ -138,7 +149,7 @@ def test_tilt_gradient_uses_one_hot_at_revealed_rows():
   raw = jax.random.normal(jax.random.key(4), (B, Lx, V))
   x = jnp.array([[MASK, 1, MASK], [3, MASK, MASK]])
   beta = jnp.array([1.0, -2.0, 0.5, 1.0, 0.0])
-  disc = lambda q, s: jnp.tanh(q @ beta) * jnp.sum(q[..., 1], axis=-1, keepdims=True)
+  disc = probs_only(lambda q, s: jnp.tanh(q @ beta) * jnp.sum(q[..., 1], axis=-1, keepdims=True))
   ell = ancestral.sampling_logits(raw, MASK, 'subs', Regime())
   g = np.asarray(jit(lambda e: rgas.tilt_gradient(disc, e, x, jnp.zeros(B), MASK, clip=100.0,
                                                    output='subs'))(ell))

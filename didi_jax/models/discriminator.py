@@ -1,9 +1,9 @@
-"""Discriminator: the teacher's DiT trunk + a spectral-normalised per-token head (SPEC §5.2-§5.3).
+"""Discriminator: the teacher's DiT trunk + a spectral-normalised per-token head.
 
-Convention: one logit per token, high = "real". The head reads the last block's residual stream
-directly (no final LN, no adaLN): d = main_2(SiLU(main_0(h))). Both head layers use PyTorch's
-classic spectral norm with one power iteration; the power-iteration vectors u, v live in the
-non-trainable `Spectral` collection and are checkpointed with the model.
+Convention (docs/method.md §5.2-§5.3): one logit per token, high = "real". The head reads the
+last block's residual stream directly (no final LN, no adaLN): d = main_2(SiLU(main_0(h))). Both
+head layers use PyTorch's classic spectral norm with one power iteration; the power-iteration
+vectors u, v live in the non-trainable `Spectral` collection and are checkpointed with the model.
 """
 from __future__ import annotations
 
@@ -66,15 +66,19 @@ class DiscriminatorHead(nnx.Module):
 
 
 class Discriminator(DiTTrunk):
-  """(ids or probabilities (B, L, V), σ_B) -> per-token logits (B, L), float32."""
+  """(ids (B, L) or soft input (B, L, V), σ_B) -> per-token logits (B, L), float32.
+
+  A soft input is logits by default, as in the official model (softmax inside); RGAS feeds
+  probabilities with soft_input='probs'.
+  """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
     self.output_layer = DiscriminatorHead(cfg.hidden_size, rngs=rngs)
 
-  def __call__(self, x, sigma_B, *, update_spectral: bool = False,
+  def __call__(self, x, sigma_B, *, soft_input: str = 'logits', update_spectral: bool = False,
                dropout_key: Optional[Array] = None) -> Array:
-    h, _ = self.trunk(x, sigma_B, dropout_key=dropout_key)
+    h, _ = self.trunk(x, sigma_B, soft_input=soft_input, dropout_key=dropout_key)
     return self.output_layer(h, update_spectral)
 
 

@@ -1,11 +1,15 @@
-"""The DiT denoiser of MDLM / DiDi-Instruct (SPEC §3), in Flax NNX.
+"""The DiT denoiser of MDLM / DiDi-Instruct (docs/method.md §3), in Flax NNX.
 
 Parameter paths mirror the official PyTorch names one-to-one (`blocks.3.mlp.0.weight` <->
 `('blocks', 3, 'mlp_0', 'kernel')`); Linear kernels are stored (in, out).
 
-Precision (SPEC §3.2): parameters float32; embedding, time MLP, rotary tables and LayerNorm
-statistics float32; the residual stream float32; every matmul runs in `compute_dtype` and returns
-it (bf16 by default), so logits are bf16 — consumers upcast them before any softmax.
+Precision (docs/method.md §3.2): parameters float32; embedding, time MLP, rotary tables and
+LayerNorm statistics float32; the residual stream float32; every matmul runs in `compute_dtype` and
+returns it (bf16 by default), so logits are bf16 — consumers upcast them before any softmax.
+
+Soft input (B, L, V): logits by default, as the official model (h = softmax_V(logits) @ E in
+float32); `soft_input='probs'` is the explicitly named probability path (h = probs @ E) that RGAS
+uses. Integer ids ignore it.
 """
 from __future__ import annotations
 
@@ -65,18 +69,38 @@ class LayerNormNoBias(nnx.Module):
     return (x - mean) * jax.lax.rsqrt(var + 1e-5) * self.weight[...]
 
 
+SOFT_INPUTS = ('logits', 'probs')
+
+
+def check_soft_input(soft_input: str) -> None:
+  if soft_input not in SOFT_INPUTS:
+    raise ValueError(f'soft_input={soft_input!r} is not valid: use one of {SOFT_INPUTS} '
+                     "('logits' = the official contract, softmax inside)")
+
+
 class Embedding(nnx.Module):
+  """Token embedding E (V, D), float32, for ids or a soft input (B, L, V) (docs/method.md §3.2).
+
+  soft_input='logits' (the official contract, and the default of every model call): the soft
+  input is logits, h = softmax_V(logits in float32) @ E. soft_input='probs' (internal, named at
+  each call site, e.g. RGAS): the soft input is already probabilities, h = probs @ E. Both
+  matmuls are float32 at HIGHEST precision and h is float32 whatever the input dtype (the
+  official code casts h back to the input dtype, which only matters for non-float32 input).
+  Integer ids ignore `soft_input`.
+  """
 
   def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs):
     self.embedding = nnx.Param(torch_uniform_init(dim)(rngs.params(), (vocab, dim)))
 
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, soft_input: str = 'logits') -> Array:
+    check_soft_input(soft_input)
     table = self.embedding[...]
     if jnp.issubdtype(x.dtype, jnp.integer):
       return jnp.take(table, x, axis=0)
-    # Soft input: probabilities (B, L, V) @ E, float32 (SPEC §3.2 step 1).
-    return jnp.einsum('blv,vd->bld', x.astype(jnp.float32), table,
-                      precision=jax.lax.Precision.HIGHEST)
+    q = x.astype(jnp.float32)
+    if soft_input == 'logits':
+      q = jax.nn.softmax(q, axis=-1)
+    return jnp.einsum('blv,vd->bld', q, table, precision=jax.lax.Precision.HIGHEST)
 
 
 def timestep_features(sigma_B: Array, dim: int = 256) -> Array:
@@ -196,9 +220,11 @@ class DiTTrunk(nnx.Module):
                  attention_impl=cfg.attention_impl, rngs=rngs)
         for _ in range(cfg.n_blocks)])
 
-  def trunk(self, x, sigma_B, *, dropout_key: Optional[Array] = None, num_blocks=None):
-    """Returns (hidden_BxLxD float32, c_BxC float32). x: ids (B, L) or probabilities (B, L, V)."""
-    h = self.vocab_embed(x)
+  def trunk(self, x, sigma_B, *, soft_input: str = 'logits',
+            dropout_key: Optional[Array] = None, num_blocks=None):
+    """Returns (hidden_BxLxD float32, c_BxC float32). x: ids (B, L), or a soft input (B, L, V)
+    read as `soft_input` ('logits': softmax inside, the official contract; 'probs')."""
+    h = self.vocab_embed(x, soft_input)
     L = h.shape[1]
     c = jax.nn.silu(self.sigma_map(sigma_B))
     cos, sin = rotary_tables(L, self.head_dim)
@@ -216,20 +242,26 @@ class DiTTrunk(nnx.Module):
 
 
 class DiT(DiTTrunk):
-  """Teacher / student denoiser: (ids or probabilities, σ) -> raw logits (B, L, V)."""
+  """Teacher / student denoiser: (ids or soft input, σ) -> raw logits (B, L, V).
+
+  A soft input (B, L, V) is logits by default, as in the official model (softmax inside);
+  soft_input='probs' reads it as probabilities.
+  """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
     self.output_layer = OutputLayer(cfg.hidden_size, cfg.vocab_size, cfg.cond_dim,
                                     dtype=jnp.dtype(cfg.compute_dtype), rngs=rngs)
 
-  def __call__(self, x, sigma_B, *, dropout_key: Optional[Array] = None):
-    h, c = self.trunk(x, sigma_B, dropout_key=dropout_key)
+  def __call__(self, x, sigma_B, *, soft_input: str = 'logits',
+               dropout_key: Optional[Array] = None):
+    h, c = self.trunk(x, sigma_B, soft_input=soft_input, dropout_key=dropout_key)
     return self.output_layer(h, c)
 
-  def features(self, x, sigma_B, *, dropout_key: Optional[Array] = None):
+  def features(self, x, sigma_B, *, soft_input: str = 'logits',
+               dropout_key: Optional[Array] = None):
     """The output layer's input after final LN + adaLN (B, L, D), for row-sparse projections."""
-    h, c = self.trunk(x, sigma_B, dropout_key=dropout_key)
+    h, c = self.trunk(x, sigma_B, soft_input=soft_input, dropout_key=dropout_key)
     return self.output_layer.modulated(h, c)
 
 

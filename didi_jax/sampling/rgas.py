@@ -1,4 +1,4 @@
-"""Reward-guided ancestral sampling (RGAS, SPEC §8.3).
+"""Reward-guided ancestral sampling (RGAS, docs/method.md §8.3).
 
 Two `lax.scan` phases over the §8.2 grid. Steps i < K_tilt = ⌊N(1 − rerank_ratio)⌋ tilt the
 student's logits by the clipped input-gradient of the discriminator's summed logits at masked
@@ -6,7 +6,11 @@ positions (soft input, σ_{t_i}); the remaining steps draw M candidates from the
 and keep one drawn from softmax(reward / temperature) of the discriminator on hard ids at σ_s.
 Then the usual noise removal. Only the student call is cached (§8.5).
 
-`disc_fn(x, sigma_B) -> (B, L)` float logits; x is ids (B, L) or probabilities (B, L, V).
+`disc_fn(x, sigma_B, *, soft_input='logits') -> (B, L)` float logits. Re-ranking calls it on ids
+(B, L); tilting calls it on probabilities (B, L, V) with `soft_input='probs'`, the models' named
+probability path (their default soft input is logits, as the official model's; docs/method.md
+§3.2), so a `Discriminator` or `api.DiscriminatorFn` can be passed as is.
+
 Key layout: as in `ancestral` (candidate m uses draw m of the step; the tilt step uses draw 0;
 the candidate choice uses `k_select`), so RGAS with h = 0 and M = 1 reproduces
 `ancestral_sample` draw for draw.
@@ -50,7 +54,8 @@ def tilt_scales(k_tilt: int, h_start: float, h_end: float) -> Array:
 def tilt_gradient(disc_fn: DiscFn, logits_BxLxV: Array, x_BxL: Array, sigma_B: Array,
                   mask_id: int, *, clip: float, output: str) -> Array:
   """g = clip(∂ρ/∂ℓ) with ρ = Σ_{masked} D(soft input, σ) (all rows of the batch; rows do not
-  interact), soft input = softmax(ℓ) at masked rows and the exact one-hot at revealed rows.
+  interact), soft input = softmax(ℓ) at masked rows and the exact one-hot at revealed rows, passed
+  to D as probabilities (`soft_input='probs'`).
 
   g is zeroed at revealed rows (and at the [MASK] column in 'subs' mode) and clipped to
   [−clip, clip]; float32 (B, L, V).
@@ -61,7 +66,7 @@ def tilt_gradient(disc_fn: DiscFn, logits_BxLxV: Array, x_BxL: Array, sigma_B: A
 
   def rho(ell):
     q = jnp.where(masked[..., None], jax.nn.softmax(ell, axis=-1), onehot)
-    d_BxL = disc_fn(q, sigma_B).astype(jnp.float32)
+    d_BxL = disc_fn(q, sigma_B, soft_input='probs').astype(jnp.float32)
     return jnp.sum(jnp.where(masked, d_BxL, 0.0))
 
   g = jax.grad(rho)(logits_BxLxV.astype(jnp.float32))

@@ -53,7 +53,7 @@ def make_sample_fn(sampler_cfg, denoiser, disc=None, *, batch_size: int, length:
     disc_fn = None
     if dgd is not None:
       dmodel = nnx.merge(dgd, *dparams)
-      disc_fn = lambda x, s: dmodel(x, s)  # noqa: E731
+      disc_fn = dmodel      # RGAS calls it with soft_input='probs' on its soft input
     return sample_from_config(sampler_cfg, key, batch_size, length, mask_id,
                               denoise_fn=denoise, disc_fn=disc_fn,
                               features_fn=lambda x, s: model.features(x, s),
