@@ -11,6 +11,9 @@ Then the usual noise removal. Only the student call is cached (§8.5).
 probability path (their default soft input is logits, as the official model's; docs/method.md
 §3.2), so a `Discriminator` or `api.DiscriminatorFn` can be passed as is.
 
+The scan bodies are `tilt_step` and `rerank_step` over the inputs of `phase_inputs`; both are
+public so that one step can be run (and its law checked) in isolation.
+
 Key layout: as in `ancestral` (candidate m uses draw m of the step; the tilt step uses draw 0;
 the candidate choice uses `k_select`), so RGAS with h = 0 and M = 1 reproduces
 `ancestral_sample` draw for draw.
@@ -49,6 +52,20 @@ def tilt_scales(k_tilt: int, h_start: float, h_end: float) -> Array:
   """h_i = h_start + (h_end − h_start)·i / max(1, K_tilt − 1), i < K_tilt; float32 (K_tilt,)."""
   i = jnp.arange(k_tilt, dtype=jnp.float32)
   return h_start + (h_end - h_start) * i / max(1, k_tilt - 1)
+
+
+def phase_inputs(steps: int, rerank_ratio: float, h_start: float, h_end: float, t_min: float,
+                 regime: Regime):
+  """Scan inputs of the two phases over the §8.2 grid: (tilt_xs, rerank_xs).
+
+  tilt_xs = (grid[:K_tilt], h_0..h_{K_tilt−1}) and rerank_xs = grid[K_tilt:], where a grid entry is
+  (i, t_i, s_i, α_{t_i}, α_{s_i}) (`ancestral.step_grid`). Index both with `[i]` (e.g.
+  `jax.tree.map(lambda a: a[i], tilt_xs)`) for the inputs of one step.
+  """
+  k_tilt = num_tilt_steps(steps, rerank_ratio)
+  grid = ancestral.step_grid(steps, t_min, regime)
+  tilt_xs = (tuple(a[:k_tilt] for a in grid), tilt_scales(k_tilt, h_start, h_end))
+  return tilt_xs, tuple(a[k_tilt:] for a in grid)
 
 
 def tilt_gradient(disc_fn: DiscFn, logits_BxLxV: Array, x_BxL: Array, sigma_B: Array,
@@ -90,16 +107,36 @@ def candidate_reward(d_BxL: Array, x_BxL: Array, mask_id: int, reward: str) -> A
   return total / jnp.maximum(1.0, jnp.sum(masked, axis=-1).astype(jnp.float32))
 
 
+def tilt_step(disc_fn: DiscFn, k_draw: Array, x_BxL: Array, ell_BxLxV: Array, step, h,
+              mask_id: int, *, clip: float, output: str, regime: Regime,
+              top_p: float = 1.0) -> Array:
+  """One tilting step at grid entry `step` = (i, t_i, s_i, α_{t_i}, α_{s_i}) with scale h = h_i
+  (one element of `phase_inputs`' tilt_xs): g = `tilt_gradient` with D at σ_{t_i},
+  p = softmax(ℓ + h·g) (then top-p), x_s = ancestral_step(draw 0 of k_draw, p, α_{t_i}, α_{s_i}).
+  ℓ: the sampler's logits at x (`ancestral.sampling_logits`)."""
+  _, t, _, a_t, a_s = step
+  sigma_t_B = jnp.full((x_BxL.shape[0],), diffusion.sigma(t), jnp.float32)
+  g = tilt_gradient(disc_fn, ell_BxLxV, x_BxL, sigma_t_B, mask_id, clip=clip, output=output)
+  p = categorical.probs_from_logits(
+      ell_BxLxV + jnp.asarray(h).astype(ell_BxLxV.dtype) * g.astype(ell_BxLxV.dtype), regime,
+      top_p=top_p)
+  return categorical.ancestral_step(ancestral.draw_key(k_draw, 0), x_BxL, p, a_t, a_s, mask_id,
+                                    regime)
+
+
 def rerank_step(disc_fn: DiscFn, k_draw: Array, k_select: Array, x_BxL: Array,
-                probs_fn: Callable[[], Array], alpha_t, alpha_s, sigma_s_B: Array, mask_id: int, *,
-                num_candidates: int, temperature: float, reward: str, regime: Regime) -> Array:
-  """M candidates x_s^(m) = ancestral_step(draw m, p = probs_fn()), one at a time (`lax.map`),
-  each scored by D(x_s^(m), σ_s); per row m* ~ softmax(ρ/temperature) with the §8.1 draw;
-  returns x_s^(m*).
+                probs_fn: Callable[[], Array], step, mask_id: int, *, num_candidates: int,
+                temperature: float, reward: str, regime: Regime) -> Array:
+  """One re-ranking step at grid entry `step` = (i, t_i, s_i, α_{t_i}, α_{s_i}) (one element of
+  `phase_inputs`' rerank_xs): M candidates x_s^(m) = ancestral_step(draw m, p = probs_fn()), one
+  at a time (`lax.map`), each scored by D(x_s^(m), σ_{s_i}) on ids; per row
+  m* ~ softmax(ρ/temperature) with the §8.1 draw; returns x_s^(m*).
 
   `probs_fn` is called inside each candidate, so the probabilities are recomputed from the
   (bf16) logits next to the draw instead of being held as a float32 (B, L, V) buffer.
   """
+  _, _, s, alpha_t, alpha_s = step
+  sigma_s_B = jnp.full((x_BxL.shape[0],), diffusion.sigma(s), jnp.float32)
 
   def candidate(m):
     x_s = categorical.ancestral_step(ancestral.draw_key(k_draw, m), x_BxL, probs_fn(), alpha_t,
@@ -145,7 +182,7 @@ def rgas_sample(denoise_fn: ancestral.DenoiseFn, disc_fn: DiscFn, key: Array, ba
   x0 = ancestral.initial_tokens(batch_size, length, mask_id, x_init)
   state = ancestral.init_state(denoise_fn, x0,
                                ancestral.network_sigma(1.0, batch_size, sigma_mode), use_cache)
-  grid = ancestral.step_grid(steps, t_min, regime)
+  tilt_xs, rerank_xs = phase_inputs(steps, rerank_ratio, h_start, h_end, t_min, regime)
 
   def student_logits(state, t):
     out, state = ancestral.cached_call(denoise_fn, state,
@@ -153,20 +190,16 @@ def rgas_sample(denoise_fn: ancestral.DenoiseFn, disc_fn: DiscFn, key: Array, ba
     return ancestral.sampling_logits(out, mask_id, output, regime, temperature), state
 
   def tilt_body(state, xs):
-    (i, t, s, a_t, a_s), h = xs
-    k_draw, _ = ancestral.step_keys(key_loop, i)
-    ell, state = student_logits(state, t)
-    sigma_t_B = jnp.full((batch_size,), diffusion.sigma(t), jnp.float32)
-    g = tilt_gradient(disc_fn, ell, state.x, sigma_t_B, mask_id, clip=tilt_clip, output=output)
-    p = categorical.probs_from_logits(ell + h.astype(ell.dtype) * g.astype(ell.dtype), regime,
-                                      top_p=top_p)
-    x_new = categorical.ancestral_step(ancestral.draw_key(k_draw, 0), state.x, p, a_t, a_s,
-                                       mask_id, regime)
+    step, h = xs
+    k_draw, _ = ancestral.step_keys(key_loop, step[0])
+    ell, state = student_logits(state, step[1])
+    x_new = tilt_step(disc_fn, k_draw, state.x, ell, step, h, mask_id, clip=tilt_clip,
+                      output=output, regime=regime, top_p=top_p)
     state = ancestral.advance(state, x_new)
     return state, jnp.sum(x_new == mask_id).astype(jnp.int32)
 
-  def rerank_body(state, xs):
-    i, t, s, a_t, a_s = xs
+  def rerank_body(state, step):
+    i, t = step[0], step[1]
     k_draw, k_select = ancestral.step_keys(key_loop, i)
     out, state = ancestral.cached_call(denoise_fn, state,
                                        ancestral.network_sigma(t, batch_size, sigma_mode))
@@ -175,21 +208,18 @@ def rgas_sample(denoise_fn: ancestral.DenoiseFn, disc_fn: DiscFn, key: Array, ba
       ell = ancestral.sampling_logits(out, mask_id, output, regime, temperature)
       return categorical.probs_from_logits(ell, regime, top_p=top_p)
 
-    sigma_s_B = jnp.full((batch_size,), diffusion.sigma(s), jnp.float32)
-    x_new = rerank_step(disc_fn, k_draw, k_select, state.x, probs_fn, a_t, a_s, sigma_s_B,
-                        mask_id, num_candidates=num_candidates, temperature=rerank_temperature,
+    x_new = rerank_step(disc_fn, k_draw, k_select, state.x, probs_fn, step, mask_id,
+                        num_candidates=num_candidates, temperature=rerank_temperature,
                         reward=rerank_reward, regime=regime)
     state = ancestral.advance(state, x_new)
     return state, jnp.sum(x_new == mask_id).astype(jnp.int32)
 
   masked = []
   if k_tilt > 0:
-    tilt_grid = tuple(a[:k_tilt] for a in grid)
-    state, m_tilt = jax.lax.scan(tilt_body, state,
-                                 (tilt_grid, tilt_scales(k_tilt, h_start, h_end)))
+    state, m_tilt = jax.lax.scan(tilt_body, state, tilt_xs)
     masked.append(m_tilt)
   if k_tilt < steps:
-    state, m_rerank = jax.lax.scan(rerank_body, state, tuple(a[k_tilt:] for a in grid))
+    state, m_rerank = jax.lax.scan(rerank_body, state, rerank_xs)
     masked.append(m_rerank)
   state = ancestral.noise_removal_step(denoise_fn, state, key_final, mask_id,
                                        noise_removal=noise_removal, regime=regime,
