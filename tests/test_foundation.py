@@ -1,7 +1,9 @@
 """Schedule, masking, SUBS, NELBO, DiT invariants, configs."""
 import glob
 import importlib.util
+import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +13,14 @@ from flax import nnx
 
 from didi_jax import config as config_lib
 from didi_jax import diffusion
+from didi_jax.checkpoint import exporter
 from didi_jax.models.discriminator import Discriminator, trainable_mask
+from didi_jax.models import dit as dit_lib
 from didi_jax.models.dit import DiT, count_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference_dit_numpy as ref  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def tiny_cfg(vocab=20, length=8, dtype='float32'):
@@ -144,12 +150,76 @@ def test_soft_onehot_input_reproduces_id_input():
     model(onehot, sigma, soft_input='prob')
 
 
-def test_sigma_conditioning_changes_output_only_when_trained():
+SIGMAS = np.array([0.0, 1e-3, 0.37, 2.0, 6.907755], np.float32)   # 6.9078 = σ(t = 1)
+
+
+def phi_numpy(sigma_B):
+  """φ(σ) = [cos(σ f_k)]_{k<128} ++ [sin(σ f_k)]_{k<128}, f_k = exp(−ln(10000)·k/128) (float64)."""
+  f = np.exp(-math.log(10000.0) * np.arange(128) / 128)
+  arg = np.asarray(sigma_B, np.float64)[:, None] * f[None]
+  return np.concatenate([np.cos(arg), np.sin(arg)], axis=-1)
+
+
+def _silu(x):
+  return x / (1.0 + np.exp(-x))
+
+
+def test_sigma_conditioning_closed_form():
+  """φ(σ), c = SiLU(W2·SiLU(W1·φ + b1) + b2) and the whole DiT against NumPy (docs/method.md
+  §3.2 steps 2, 4, 5), at several σ including 0."""
+  got_phi = np.asarray(dit_lib.timestep_features(jnp.asarray(SIGMAS)))
+  want_phi = phi_numpy(SIGMAS)
+  assert got_phi.shape == (len(SIGMAS), 256) and got_phi.dtype == np.float32
+  np.testing.assert_allclose(got_phi, want_phi, rtol=0, atol=2e-6)
+  np.testing.assert_array_equal(got_phi[0], np.r_[np.ones(128), np.zeros(128)])   # σ = 0
+  assert got_phi[1, 0] == np.float32(math.cos(1e-3)) and got_phi[1, 128] > 0      # cos first
+
   cfg = tiny_cfg()
-  model = randomize(DiT(cfg, rngs=nnx.Rngs(0)))
+  model = built(DiT, cfg, 0, scale=0.5)
+  sm = model.sigma_map
+  w1, b1 = np.asarray(sm.mlp_0.kernel[...], np.float64), np.asarray(sm.mlp_0.bias[...], np.float64)
+  w2, b2 = np.asarray(sm.mlp_2.kernel[...], np.float64), np.asarray(sm.mlp_2.bias[...], np.float64)
+  assert w1.shape == (256, cfg.cond_dim)                # kernel (in, out) = W1ᵀ
+  want_c = _silu(_silu(want_phi @ w1 + b1) @ w2 + b2)
+  got_c = np.asarray(jax.nn.silu(sm(jnp.asarray(SIGMAS))))   # the DiT applies the outer SiLU
+  np.testing.assert_allclose(got_c, want_c, rtol=1e-5, atol=1e-6)
+  assert np.min(np.max(np.abs(want_c[1:] - want_c[:1]), axis=1)) > 1e-6       # c moves with σ
+  # At σ = 0 the sin half of W1 is multiplied by 0: c(0) does not see it, c(σ > 0) does.
+  c0 = np.asarray(sm(jnp.zeros(1)))
+  sm.mlp_0.kernel[...] = sm.mlp_0.kernel[...].at[128:].multiply(-3.0)
+  np.testing.assert_array_equal(np.asarray(sm(jnp.zeros(1))), c0)
+  assert float(np.max(np.abs(np.asarray(sm(jnp.asarray(SIGMAS[3:4]))) - want_c[3:4]))) > 1e-2
+  sm.mlp_0.kernel[...] = sm.mlp_0.kernel[...].at[128:].divide(-3.0)
+
+  # The whole DiT (random adaLN weights, so σ reaches every block and the output layer) against
+  # the independent NumPy forward of the official model, on ids and on soft-input logits.
+  tensors = exporter.to_official(model, model_cfg=cfg)
+  ids = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (len(SIGMAS), 8), 0, cfg.vocab_size))
+  logits = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (len(SIGMAS), 8, cfg.vocab_size)))
+  net = jitted(model)
+  for x in (ids, logits):
+    got = net(jnp.asarray(x), jnp.asarray(SIGMAS))
+    want = ref.dit_forward(tensors, x, SIGMAS, cfg.n_heads)
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1e-4
+  # σ matters (the comparison above is not blind to it): same ids, different σ, different logits.
+  same = np.broadcast_to(ids[:1], ids.shape)
+  by_sigma = net(jnp.asarray(same), jnp.asarray(SIGMAS))
+  np.testing.assert_allclose(by_sigma, ref.dit_forward(tensors, same, SIGMAS, cfg.n_heads),
+                             rtol=0, atol=1e-4 * float(np.max(np.abs(by_sigma))))
+  assert np.min(np.max(np.abs(by_sigma[1:] - by_sigma[:1]), axis=(1, 2))) > 1e-4
+
+
+def test_sigma_conditioning_changes_output_only_when_trained():
+  """A fresh DiT's adaLN weights are zero, so σ cannot reach the output (all-zero logits at any
+  σ); once they are non-zero, σ changes the output."""
+  cfg = tiny_cfg()
   ids = jnp.zeros((1, 8), jnp.int32)
+  fresh = jitted(built(DiT, cfg, 0, scale=0.0))
+  a, b = fresh(ids, jnp.array([0.0])), fresh(ids, jnp.array([2.0]))
+  assert float(np.max(np.abs(a))) == 0.0 and float(np.max(np.abs(b))) == 0.0
+  model = jitted(built(DiT, cfg, 0))
   a, b = model(ids, jnp.array([0.0])), model(ids, jnp.array([2.0]))
-  assert float(jnp.max(jnp.abs(a - b))) > 1e-4
+  assert float(np.max(np.abs(a - b))) > 1e-4
 
 
 def test_param_counts_match_official():
