@@ -34,14 +34,16 @@ VARIANTS = {
     # Defaults: score decomposition, coupled time, ω = clip(1/t), no importance weight, Jeffrey
     # KL and entropy on, grouped normalisation, τ per row, shared rollout, data rows, σ = 0.
     'default': {},
-    # The ablation baseline side of every switch.
-    'one_step': dict(score_decomposition=False, coupled_time=False, importance_weight=True,
-                     group_norm=False, real_source='teacher_samples', teacher_sigma='true',
+    # The ablation baseline side of most switches; Beta(2, 2) so that π(t) is not constant.
+    'one_step': dict(score_decomposition=False, importance_weight=True, group_norm=False,
+                     real_source='teacher_samples', teacher_sigma='true',
                      **{'omega.mode': 'constant', 'tau.per': 'group', 'kl.type': 'reverse',
-                        'kl.coef_lo': 0.0, 'teacher_buffer.size': 16}),
-    # Regularisers off (the teacher is never called), two-pass rollout, D warm-up, Beta(2, 2).
-    'no_reg': dict(rollout='two_pass', disc_warmup_steps=1, entropy_coef=0.0,
-                   **{'kl.coef_hi': 0.0, 'kl.coef_lo': 0.0, 'tau.a': 2.0, 'tau.b': 2.0}),
+                        'kl.coef_lo': 0.0, 'teacher_buffer.size': 16, 'tau.a': 2.0,
+                        'tau.b': 2.0}),
+    # Independent corruption time with ω = clip(1/t); regularisers off (the teacher is never
+    # called), two-pass rollout, a discriminator warm-up iteration.
+    'no_reg': dict(coupled_time=False, rollout='two_pass', disc_warmup_steps=1,
+                   entropy_coef=0.0, **{'kl.coef_hi': 0.0, 'kl.coef_lo': 0.0}),
 }
 
 
