@@ -61,7 +61,7 @@ def get_config(preset: str = ''):
   cfg.teacher.checkpoint = DEMO_TEACHER
   cfg.distill.num_iterations = 300
   cfg.distill.disc_unfreeze_blocks = 2   # the paper trains the last 4 of 12 blocks
-  # One τ per group (not per row, SPEC §7.1): grouped normalisation then compares the G samples
+  # One τ per group (not per row, docs/method.md §7.1): grouped normalisation then compares the G samples
   # at the same corruption time. With τ per row the advantage mostly ranks the rows' τ and, on
   # this demo, 300 iterations did not improve the student (README, "What the demo does").
   cfg.distill.tau.per = 'group'

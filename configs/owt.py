@@ -1,4 +1,4 @@
-r"""The paper's job on OpenWebText (SPEC §1-§10 defaults).
+r"""The paper's job on OpenWebText (docs/method.md §1-§10 defaults).
 
   python -m didi_jax.main --config=configs/owt.py --workdir=runs/owt \
       --config.teacher.checkpoint=hf:kuleshov-group/mdlm-owt

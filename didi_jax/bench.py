@@ -1,6 +1,6 @@
 r"""Throughput / MFU benchmarks: pretrain step, DiDi iteration, ancestral and RGAS sampling.
 
-  python -m didi_jax.bench all --size small --length 1024            # the H100 run (DESIGN §6)
+  python -m didi_jax.bench all --size small --length 1024            # the H100 run (reference rows: BENCHMARKS.md)
   python -m didi_jax.bench train --size tiny --length 32 --batch 8 --iters 2 --warmup 1
   python -m didi_jax.bench sample --size demo --steps 8,16,32 --sparse --json bench.jsonl
 
@@ -13,14 +13,14 @@ per forward, as in `sampling/cost.py`; rematerialisation is not counted):
   train    `pretrain.Trainer.train_step` at B×L: 3 × forward per sequence (forward + backward),
            = 6 × matmul params + 12·L·d·layers per token (small, L=1024: 0.854 GFLOP/token).
   distill  one `distill.make_distill_step` iteration, B data rows × G samples = N rows:
-           student 3 × (1 + N) forwards (the all-[MASK] first step runs on one row, SPEC §7.4;
+           student 3 × (1 + N) forwards (the all-[MASK] first step runs on one row, docs/method.md §7.4;
            backward = 2 × forward), teacher (1 + N) forwards (KL terms), discriminator forward on
            2N rows + backward on 2N rows (2 × the trainable blocks and head: frozen blocks need no
            gradient), reward pass on N rows.
   sample   ancestral sampling at B=64 with N steps (+ noise removal), measured student forwards:
            forwards × B × (trunk + attention) + projected rows × 2·d·V. `--sparse` adds the
            reveal-only path (`sampler.sparse_reveal`), whose projected rows are measured.
-  rgas     16-step RGAS at B=64 (SPEC §8.3, M = 4): `cost.sampler_cost('rgas')` × B.
+  rgas     16-step RGAS at B=64 (docs/method.md §8.3, M = 4): `cost.sampler_cost('rgas')` × B.
 Tokens/s: B·L per second (train, samplers); for distill the N·L student tokens per second.
 """
 from __future__ import annotations
@@ -63,13 +63,13 @@ BF16_PEAK_TFLOPS = (
 )
 # True float32 (no TF32: our float32 mode uses Precision.HIGHEST) where it differs from bf16.
 FP32_PEAK_TFLOPS = (('H100 PCIe', 51.0), ('H100', 67.0), ('H200', 67.0), ('A100', 19.5))
-# Measured practical ceilings (DESIGN §6: bf16 8192³ matmul through JAX on one H100 80GB).
+# Measured practical ceilings (BENCHMARKS.md reference rows: bf16 8192³ matmul through JAX on one H100 80GB).
 PRACTICAL_CEILING_TFLOPS = (('H100', 802.0),)
 # CPU rough peak: cores × CPU_GHZ × FLOPs per cycle per core (two FMA pipes: 64 fp32 with
 # AVX-512, 32 with AVX2, 16 otherwise). Override with --peak_tflops.
 CPU_GHZ = 2.5
 
-# DESIGN §6 reference rows (one H100 80GB; small DiT, L = 1024). `match` keys must all agree.
+# The reference rows of BENCHMARKS.md (one H100 80GB; small DiT, L = 1024). `match` keys must all agree.
 REFERENCES = (
     dict(match=dict(workload='train', size='small', length=1024, batch=32),
          tok_s=254e3, name='torch.compile',

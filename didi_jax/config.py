@@ -12,7 +12,7 @@ import ml_collections
 
 JOBS = ('pretrain', 'distill', 'sample', 'evaluate', 'sweep', 'pipeline')
 
-# name: (hidden, blocks, heads, mlp, cond)   -- SPEC §3.1
+# name: (hidden, blocks, heads, mlp, cond)   -- docs/method.md §3.1
 MODEL_SIZES = {
     'tiny': (64, 2, 4, 256, 32),
     'demo': (256, 4, 4, 1024, 64),
@@ -38,7 +38,7 @@ def model_config(size: str = 'small', vocab_size: int = 50258, length: int = 102
       cond_dim=c,
       vocab_size=vocab_size,      # tokenizer vocab + 1 ([MASK] = vocab_size - 1)
       length=length,              # sequence length L
-      dropout=0.1,                # used in pre-training only (SPEC D9)
+      dropout=0.1,                # used in pre-training only (docs/method.md D9)
       compute_dtype='bfloat16',   # 'bfloat16' | 'float32' (float32 for parity tests)
       attention_impl='xla',       # 'xla' | 'cudnn' (GPU) | 'auto'
       remat=False,                # rematerialise each block in the backward pass
@@ -46,7 +46,7 @@ def model_config(size: str = 'small', vocab_size: int = 50258, length: int = 102
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """All knobs with the paper's OWT defaults (SPEC §1-§10)."""
+  """All knobs with the paper's OWT defaults (docs/method.md §1-§10)."""
   cfg = ml_collections.ConfigDict()
   cfg.job = 'pretrain'            # one of JOBS
   cfg.seed = 1                    # run seed (official default 1)
@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
       jsonl_field='text',         # field of .jsonl records (and HF rows) holding the text
       hf_dataset='openwebtext',   # 'owt' without paths: HF datasets name (needs network + datasets)
       cache_dir='',               # tokenisation cache ('' -> $DIDI_JAX_CACHE or ~/.cache/didi_jax)
-      pack_group=1000,            # documents per packing group (SPEC §2); 0 = one global stream
+      pack_group=1000,            # documents per packing group (docs/method.md §2); 0 = one global stream
       valid_docs=100000,          # OWT: last N documents are validation (train[-100000:])
       valid_fraction=0.05,        # shakespeare/text: tail fraction of every document held out
       shuffle_seed=42,            # seeded per-epoch permutation of training blocks
@@ -77,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=512,             # global batch (sequences)
       num_steps=1_000_000,
       lr=3e-4,
-      warmup_steps=2500,          # linear warm-up, then constant (SPEC §4)
+      warmup_steps=2500,          # linear warm-up, then constant (docs/method.md §4)
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
       clip_norm=1.0,
       ema_decay=0.9999,           # decay_n = min(decay, (1+n)/(10+n))

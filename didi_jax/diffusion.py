@@ -1,6 +1,6 @@
 """Masked diffusion: log-linear schedule, forward masking, SUBS parameterisation, MDLM NELBO.
 
-The one home of the noise schedule (SPEC §2, §4). Times t ∈ [0, 1]; α_t = 1 − (1 − ε)t with
+The one home of the noise schedule (docs/method.md §2, §4). Times t ∈ [0, 1]; α_t = 1 − (1 − ε)t with
 ε = 1e-3; σ_t = −log α_t; the mask ratio 1 − α_t is linear in t.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-EPS = 1e-3          # hard-coded schedule floor (SPEC §2)
+EPS = 1e-3          # hard-coded schedule floor (docs/method.md §2)
 NEG_INF = -1e6      # "probability 0" in SUBS log-probs
 
 

@@ -1,15 +1,15 @@
-"""The DiDi-Instruct objective (SPEC §6-§7): rollout, coupled corruption, D loss, rewards,
+"""The DiDi-Instruct objective (docs/method.md §6-§7): rollout, coupled corruption, D loss, rewards,
 advantages, KL/entropy regularisers, and one jitted training iteration.
 
 Small pure pieces first (each tested against NumPy), then the two-step student rollout with fused
 per-chunk vocabulary work, then `make_distill_step`.
 
-Memory (SPEC §7.4): the networks return features (B, L, D); the vocabulary projection, SUBS
+Memory (docs/method.md §7.4): the networks return features (B, L, D); the vocabulary projection, SUBS
 log-softmax, the draw, the gathers, the entropy and the Jeffrey terms run per chunk of positions
 (`distill.loss_chunk_len`) inside one rematerialised `lax.map`, so at most one chunk's (N, Lc, V)
 float32 tensors exist at a time, in the forward and in the backward. The student trunks are
 wrapped in `jax.checkpoint`. The student's step-1 forward and the teacher's x_T forward run on
-ONE all-[MASK] row and are broadcast (SPEC §7.4).
+ONE all-[MASK] row and are broadcast (docs/method.md §7.4).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from didi_jax.train import distill_state as ds
 Array = jax.Array
 PyTree = Any
 
-REWARD_EPS = 1e-6                  # log-odds offset: log(σ(d)+ε) − log(1−σ(d)+ε) (SPEC §7.2)
+REWARD_EPS = 1e-6                  # log-odds offset: log(σ(d)+ε) − log(1−σ(d)+ε) (docs/method.md §7.2)
 ADV_STD_FLOOR = 1e-4               # default distill.adv_std_floor: spread floor / mean |r|
 ADV_FLOOR_ABS = 1e-4               # absolute spread floor: ~100x a reward's float32 rounding (§7.2)
 PROB_ZERO = diffusion.NEG_INF / 2  # log-probs at or below this count as probability 0
@@ -45,11 +45,11 @@ OMEGA_CONSTANT = 1.0               # ω(t) in `omega.mode='constant'`
 
 def sample_tau(key: Array, n: int, tau_cfg: ml_collections.ConfigDict,
                group: int = 1) -> Array:
-  """τ_n ~ Beta(a, b), clamped to [min, max] (SPEC D6). float32 (n,).
+  """τ_n ~ Beta(a, b), clamped to [min, max] (docs/method.md D6). float32 (n,).
 
   `tau_cfg.per == 'group'` draws one τ per run of `group` consecutive rows (a group shares its
   noise level, so grouped normalisation compares samples under the same corruption time);
-  'row' (SPEC §7.1) draws one per row.
+  'row' (docs/method.md §7.1) draws one per row.
   """
   per_group = tau_cfg.get('per', 'row') == 'group' and group > 1
   m = n // group if per_group else n
@@ -69,7 +69,7 @@ def tau_density(t: Array, tau_cfg: ml_collections.ConfigDict) -> Array:
 
 
 def omega(t: Array, dcfg: ml_collections.ConfigDict) -> Array:
-  """IKL time weight at the corruption time (SPEC D6, §7.2); dcfg = cfg.distill.
+  """IKL time weight at the corruption time (docs/method.md D6, §7.2); dcfg = cfg.distill.
 
   'inv_t': clip(1/t, omega.min, omega.max); 'constant': 1. With `importance_weight` the weight is
   divided by the τ density π(t).
@@ -93,7 +93,7 @@ def bce_smoothed(d: Array, y: Array | float) -> Array:
 
 def disc_loss(d_real_NxL: Array, d_fake_NxL: Array, mk_real_NxL: Array, mk_fake_NxL: Array,
               smoothing: float) -> Array:
-  """½·[token mean of BCE(d_real, 1−s) over masked real + same for BCE(d_fake, s)] (SPEC §7.1)."""
+  """½·[token mean of BCE(d_real, 1−s) over masked real + same for BCE(d_fake, s)] (docs/method.md §7.1)."""
   def side(d, mk, y):
     mk = mk.astype(jnp.float32)
     return jnp.sum(mk * bce_smoothed(d, y)) / jnp.maximum(1.0, jnp.sum(mk))
@@ -186,7 +186,7 @@ def kl_per_position(logp_p: Array, logp_q: Array) -> Array:
 
 
 def jeffrey(logp_T: Array, logp_S: Array, beta: float, kind: str = 'jeffrey') -> Array:
-  """Per-position divergence between teacher T and student S (SPEC §7.2), over the last axis.
+  """Per-position divergence between teacher T and student S (docs/method.md §7.2), over the last axis.
 
   'jeffrey': (1−β)·KL(T‖S) + β·KL(S‖T); 'forward': KL(T‖S); 'reverse': KL(S‖T). Entries of −1e6
   are probability 0 (no NaN, finite gradients).
@@ -228,7 +228,7 @@ def masked_entropy(logp_NxLxV: Array, mk_NxL: Array) -> Array:
 
 def trajectory_logprob(lp_at_NxL: Array, x_prev_NxL: Array, x_next_NxL: Array,
                        mask_id: int) -> Array:
-  """Σ_L [x_prev == m and x_next != m]·log p(x_next): newly revealed positions only (SPEC §7.2).
+  """Σ_L [x_prev == m and x_next != m]·log p(x_next): newly revealed positions only (docs/method.md §7.2).
 
   `lp_at_NxL` is the step's log-probability at the drawn token x_next.
   """
@@ -357,7 +357,7 @@ def student_rollout(params_S: PyTree, params_T: PyTree, tau_N: Array, keys: Dict
 
   One student forward per step serves the draw (stop-gradient probabilities) and the log-prob
   gradient (`rollout='shared'`, D9); `'two_pass'` draws from a separate no-gradient forward. Step 1
-  (all-[MASK] input) runs student and teacher on one row (SPEC §7.4).
+  (all-[MASK] input) runs student and teacher on one row (docs/method.md §7.4).
 
   Args:
     params_S: student params (differentiate the outputs w.r.t. these). params_T: teacher params.
@@ -367,7 +367,7 @@ def student_rollout(params_S: PyTree, params_T: PyTree, tau_N: Array, keys: Dict
     (diff, aux): diff = {'logp_N': trajectory log-prob (logp1 + logp2), 'kl_hi', 'kl_lo', 'ent'}
     (all float32, differentiable); aux = {'x_tau_NxL', 'x_fake_NxL'} int32.
   """
-  features_S = jax.checkpoint(net.features)   # remat the student trunk (SPEC §7.4)
+  features_S = jax.checkpoint(net.features)   # remat the student trunk (docs/method.md §7.4)
   kl_on = kl_enabled(dcfg)
   head_S = net.head(params_S)
   head_T = net.head(params_T) if kl_on else None
@@ -445,7 +445,7 @@ def _masked_frac(pred_NxL, mk_NxL) -> Array:
 
 def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.GraphDef,
                       disc_graphdef: nnx.GraphDef, *, with_aux: bool = False):
-  """Builds step(state, teacher_params, x_data_BxL, key) -> (state, metrics) (SPEC §7.1).
+  """Builds step(state, teacher_params, x_data_BxL, key) -> (state, metrics) (docs/method.md §7.1).
 
   A pure function of its arguments, to be wrapped by the caller in
   `jax.jit(step, donate_argnums=0)`. Randomness: `fold_in(key, state.step)` split by purpose, so

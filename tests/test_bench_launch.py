@@ -101,7 +101,7 @@ def test_pod_dry_run_quotes_arguments():
 
 
 def test_train_flops_match_design():
-  # DESIGN §6: 6 x 123.5M matmul params + 12·L·d·layers ≈ 0.85 GFLOP/token (small, L=1024).
+  # BENCHMARKS.md: 6 x 123.5M matmul params + 12·L·d·layers ≈ 0.85 GFLOP/token (small, L=1024).
   small = config_lib.model_config('small')
   per_token = bench.train_flops_per_token(small)
   matmul_params = 12 * cost_lib.block_macs_per_token(small) + 768 * 50258
@@ -111,7 +111,7 @@ def test_train_flops_match_design():
 
 
 def test_sample_flops_match_spec_cost_table():
-  # Dense 16-step ancestral: 17 forwards of 291.65 GFLOP = 4.96 TFLOP/sample (SPEC §9).
+  # Dense 16-step ancestral: 17 forwards of 291.65 GFLOP = 4.96 TFLOP/sample (docs/method.md §9).
   small = config_lib.model_config('small')
   dense = bench.sample_flops(small, batch=1, forwards=17, projected_rows=17 * 1024)
   assert dense == pytest.approx(cost_lib.sampler_cost(small, 'ancestral', 16).flops)

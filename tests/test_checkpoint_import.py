@@ -42,7 +42,7 @@ def tiny_cfg():
 
 
 def official(seed: int, role: str = 'dit', *, zero_mask_row: bool = True):
-  """Random tensors under the official names (PyTorch layout), written from SPEC §3.3 by hand.
+  """Random tensors under the official names (PyTorch layout), written from docs/method.md §3.3 by hand.
 
   adaLN and output weights are non-zero so every path of the forward matters.
   """
@@ -149,7 +149,7 @@ def test_registration_order_and_mapping_match_the_model():
                         'output_layer.adaLN_modulation.bias']
   shapes = names.official_shapes(small)
   n_params = sum(int(np.prod(s)) for k, s in shapes.items() if k != names.INV_FREQ)
-  assert n_params == 169_627_218                                        # SPEC §3.3
+  assert n_params == 169_627_218                                        # docs/method.md §3.3
   dshapes = names.official_shapes(small, 'discriminator')
   assert sum(int(np.prod(s)) for k, s in dshapes.items() if k in
              names.registration_order(12, 'discriminator')) == 131_371_265

@@ -1,4 +1,4 @@
-"""Data layer: tokenizer pins, SPEC §2 packing, splits, block cache, iterators, sources."""
+"""Data layer: tokenizer pins, docs/method.md §2 packing, splits, block cache, iterators, sources."""
 from __future__ import annotations
 
 import json
@@ -71,7 +71,7 @@ def test_gpt2_pins_and_byte_round_trip():
 
 
 def reference_pack(docs, seq_len, bos, eos, pack_group):
-  """Plain-Python SPEC §2 wrap."""
+  """Plain-Python docs/method.md §2 wrap."""
   groups = [docs] if pack_group == 0 else [docs[i:i + pack_group]
                                            for i in range(0, len(docs), pack_group)]
   piece, out = seq_len - 2, []

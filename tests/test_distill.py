@@ -1,4 +1,4 @@
-"""DiDi-Instruct objective and training iteration (SPEC §6-§7) on a tiny DiT.
+"""DiDi-Instruct objective and training iteration (docs/method.md §6-§7) on a tiny DiT.
 
 Every loss term is checked against an independent NumPy computation; the policy-gradient estimator
 against the exact gradient of a tractable toy; the step against its invariants (frozen weights,
@@ -507,7 +507,7 @@ def test_one_iteration_invariants(default_run):
   assert max(float(np.abs(a - b).max()) for a, b in zip(s_new, np_tree(s0.student))) > 0
   for th, eo, en in zip(s_new, e_old, e_new):
     np.testing.assert_allclose(en, eo + np.float32(0.001) * (th - eo), rtol=0, atol=1e-7)
-  # Spectral u/v: one power iteration on the pre-update head kernels (SPEC §5.3).
+  # Spectral u/v: one power iteration on the pre-update head kernels (docs/method.md §5.3).
   for layer in ('main_0', 'main_2'):
     k0 = np.asarray(s0.disc_train['output_layer'][layer]['kernel'][...], np.float64)
     u0 = np.asarray(s0.spectral['output_layer'][layer]['u'][...], np.float64)

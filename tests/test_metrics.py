@@ -1,4 +1,4 @@
-"""Gen-PPL protocol (SPEC §10): the EOS counting rule on hand-built rows, judge scoring vs a direct
+"""Gen-PPL protocol (docs/method.md §10): the EOS counting rule on hand-built rows, judge scoring vs a direct
 per-row computation, metric closed forms, bootstrap, and the SmolLM2 judge's ranking of text."""
 import importlib.util
 import json

@@ -483,7 +483,7 @@ def test_sparse_reveal_on_dit_features():
 
 
 # ---------------------------------------------------------------------------------------------
-# Cost accounting (SPEC §9 reference numbers).
+# Cost accounting (docs/method.md §9 reference numbers).
 
 
 def test_cost_reproduces_reference_numbers():

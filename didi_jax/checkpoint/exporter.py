@@ -1,4 +1,4 @@
-"""Export our parameter trees to the official layouts (SPEC §3.4), and to our own flat files.
+"""Export our parameter trees to the official layouts (docs/method.md §3.4), and to our own flat files.
 
 Official layouts (PyTorch names and layout, `rotary_emb.inv_freq` included so that the official
 `load_state_dict(strict=True)` accepts them):

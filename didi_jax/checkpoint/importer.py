@@ -1,4 +1,4 @@
-"""Import official PyTorch / HF checkpoints into our parameter trees (SPEC §3.4).
+"""Import official PyTorch / HF checkpoints into our parameter trees (docs/method.md §3.4).
 
 Sources (`source` is a local file, a local directory, or `hf:ORG/NAME`):
 
@@ -330,7 +330,7 @@ def _fixes(tensors: Mapping, cfg, role: str, label: str) -> list[str]:
 
 
 def _check_mask_row(params: Mapping, cfg, label: str) -> None:
-  """SPEC §3.4 sanity note: the [MASK] row of output_layer.linear never gets gradient."""
+  """docs/method.md §3.4 sanity note: the [MASK] row of output_layer.linear never gets gradient."""
   m = cfg.vocab_size - 1
   w = params['output_layer']['linear']['kernel'][:, m]
   b = params['output_layer']['linear']['bias'][m]
@@ -388,7 +388,7 @@ def convert_official(tensors: Mapping[str, Any], model_cfg, role: str = names.DI
   """Un-prefixed official tensors -> (params, spectral) pure dicts, checked one-to-one.
 
   `ignore`: extra source names to drop silently. `check_mask_row`: log a warning when the [MASK]
-  row of a DiT's output layer is not zero (SPEC §3.4). Raises CheckpointError listing every missing,
+  row of a DiT's output layer is not zero (docs/method.md §3.4). Raises CheckpointError listing every missing,
   unexpected and mis-shaped tensor with the fix.
   """
   cfg = as_model_config(model_cfg)

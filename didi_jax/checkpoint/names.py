@@ -1,4 +1,4 @@
-"""Official PyTorch tensor names <-> our NNX tree paths (SPEC §3.3).
+"""Official PyTorch tensor names <-> our NNX tree paths (docs/method.md §3.3).
 
 The official DiT (MDLM/DUO/DiDi-Instruct) names its tensors `blocks.3.mlp.0.weight`; our tree holds
 the same tensor at `('blocks', 3, 'mlp_0', 'kernel')`. Rules:
@@ -141,7 +141,7 @@ def state_dict_order(n_blocks: int, role: str = DIT) -> list[str]:
 
 
 def official_shapes(model_cfg, role: str = DIT) -> dict[str, tuple]:
-  """Official (PyTorch-layout) shape of every state_dict entry for `model_cfg` (SPEC §3.3)."""
+  """Official (PyTorch-layout) shape of every state_dict entry for `model_cfg` (docs/method.md §3.3)."""
   _check_role(role)
   d, c, m, v = model_cfg.hidden_size, model_cfg.cond_dim, model_cfg.mlp_dim, model_cfg.vocab_size
   head_dim = d // model_cfg.n_heads

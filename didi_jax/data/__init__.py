@@ -1,4 +1,4 @@
-"""Data: tokenizers, document sources, SPEC §2 packing, the block cache and grain iterators.
+"""Data: tokenizers, document sources, docs/method.md §2 packing, the block cache and grain iterators.
 
 Pipeline names (which import grain) load on first use, so `didi_jax.data.tokenizers` stays light.
 """

@@ -1,4 +1,4 @@
-"""Packing token streams into fixed-length blocks, exactly as SPEC §2 ("wrap").
+"""Packing token streams into fixed-length blocks, exactly as docs/method.md §2 ("wrap").
 
 Each document's ids (tokenised without special tokens) get EOS appended; the documents of a group
 are concatenated and cut into (L-2)-token pieces; each piece becomes `[BOS] + piece + [EOS]`

@@ -1,6 +1,6 @@
 """Packed token blocks (tokenisation cache) and the grain-based training / evaluation iterators.
 
-`load_blocks` tokenises and packs a split once (SPEC §2) and caches it under
+`load_blocks` tokenises and packs a split once (docs/method.md §2) and caches it under
 `cache_root(data_cfg)/blocks/<key>/<split>.npy` (uint16 when the vocabulary fits, else int32), keyed
 by a hash of the source identity (pinned hash, or files with sizes and mtimes), tokenizer, L,
 pack_group and split rule; later runs memory-map the file. Files are written to a temporary name

@@ -16,7 +16,7 @@ Sources (`data.source`):
 
 Splits never overlap and are deterministic:
 
-* `owt` splits by document as in the paper (SPEC §2): train = documents[:-valid_docs], valid =
+* `owt` splits by document as in the paper (docs/method.md §2): train = documents[:-valid_docs], valid =
   documents[-valid_docs:].
 * `shakespeare` and `text` hold out the tail of every document: the last `data.valid_fraction` of
   its characters, moved forward to just after the next line break (or, failing that, whitespace)

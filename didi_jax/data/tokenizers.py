@@ -2,7 +2,7 @@
 
 Every tokenizer exposes `encode(text) -> list[int]`, `decode(ids) -> str`, `eos_id`, `bos_id`,
 `vocab_size` (ids the tokenizer emits) and `name`. The diffusion model adds [MASK] at id
-`vocab_size` (SPEC §2), so the model vocabulary is `tokenizer.vocab_size + 1`.
+`vocab_size` (docs/method.md §2), so the model vocabulary is `tokenizer.vocab_size + 1`.
 """
 from __future__ import annotations
 

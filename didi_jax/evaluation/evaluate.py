@@ -1,4 +1,4 @@
-"""The `evaluate` job (SPEC §10): Gen PPL, entropy and validation NELBO of one sampler setting.
+"""The `evaluate` job (docs/method.md §10): Gen PPL, entropy and validation NELBO of one sampler setting.
 
 Scores `eval.samples_file` when set, otherwise draws `eval.num_samples` fresh samples with the
 configured sampler and network (seed `eval.seed`) and writes them to WORKDIR/samples first.

@@ -1,4 +1,4 @@
-"""Gen-PPL judges (SPEC §10): a causal LM plus its tokenizer, scoring decoded samples.
+"""Gen-PPL judges (docs/method.md §10): a causal LM plus its tokenizer, scoring decoded samples.
 
 `score_texts` follows the official protocol: re-tokenise without added BOS/EOS (special-token
 text such as '<|endoftext|>' is still recognised, as HF tokenizers do), truncate at the judge
@@ -87,7 +87,7 @@ class SpecialAwareTokenizer:
 
 def counted_targets(ids_SxC: np.ndarray, lengths_S: np.ndarray, eos_id: int,
                     padded_len: Optional[int] = None) -> np.ndarray:
-  """(S, C−1) bool: which targets ids[:, 1:] count toward Gen PPL (SPEC §10 step 4).
+  """(S, C−1) bool: which targets ids[:, 1:] count toward Gen PPL (docs/method.md §10 step 4).
 
   Positions >= lengths_S are padding and are treated as EOS (pad = EOS); positions >= padded_len
   (the longest row of the group, as HF `padding=True` pads) do not exist. A target counts if it is
@@ -156,7 +156,7 @@ class Judge:
     return nll_sum_S, counted.sum(axis=1).astype(np.int64)
 
   def score_texts(self, texts: Sequence[str], batch_size: int = 8):
-    """SPEC §10 Gen-PPL terms per text: (Σ counted NLL float64 (S,), #counted int64 (S,))."""
+    """docs/method.md §10 Gen-PPL terms per text: (Σ counted NLL float64 (S,), #counted int64 (S,))."""
     return self.score_ids(self.tokenize(texts), batch_size)
 
 

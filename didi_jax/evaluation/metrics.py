@@ -1,4 +1,4 @@
-"""Sample-quality statistics (SPEC §10): Gen PPL, unigram entropy, bootstrap intervals, n-gram
+"""Sample-quality statistics (docs/method.md §10): Gen PPL, unigram entropy, bootstrap intervals, n-gram
 repetition. All host-side NumPy, float64.
 """
 from __future__ import annotations

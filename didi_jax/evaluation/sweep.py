@@ -1,4 +1,4 @@
-"""The `sweep` job (SPEC §12): Gen PPL and entropy over models × samplers × NFEs × precisions.
+"""The `sweep` job (docs/method.md §12): Gen PPL and entropy over models × samplers × NFEs × precisions.
 
 Grid (config section `sweep`):
   models      teacher | student | ar  (the teacher from `network_source`, the student and its

@@ -6,7 +6,7 @@ GGUF (`blk.3.attn_q.weight`, stored here transposed to (in, out)). Embeddings an
 are (vocab, d). Precision as in `dit.py`: parameters float32, LayerNorm/RMSNorm statistics, the
 residual stream and softmaxes float32, matmuls in `compute_dtype`.
 
-Also here: a KV-cache sampler for GPT-2 (SPEC §12, AR baseline, one forward per token), and a
+Also here: a KV-cache sampler for GPT-2 (docs/method.md §12, AR baseline, one forward per token), and a
 byte-level BPE tokenizer read from GGUF metadata (SmolLM2's judge tokenizer).
 """
 from __future__ import annotations
@@ -319,7 +319,7 @@ def gpt2_generate(model: GPT2, key: Array, *, batch_size: int, length: int,
 
   The prompt (default: one BOS = EOS token, GPT-2's unconditional start) is fed through the same
   scan; positions used = P + length − 1 must fit in n_positions (P = 1, length = 1024 fits GPT-2).
-  `temperature=0` is greedy (argmax); otherwise the SPEC §8.1 race draw with optional top-p.
+  `temperature=0` is greedy (argmax); otherwise the docs/method.md §8.1 race draw with optional top-p.
   Returns the generated ids (B, length) int32, prompt excluded.
   """
   if prompt_BxP is None:

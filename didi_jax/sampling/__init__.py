@@ -1,4 +1,4 @@
-"""Samplers (SPEC §8): the categorical draw, ancestral (+DDPM-cache, sparse reveal), RGAS, cost.
+"""Samplers (docs/method.md §8): the categorical draw, ancestral (+DDPM-cache, sparse reveal), RGAS, cost.
 
 All samplers are pure functions over network callables and run as one `lax.scan`; the caller
 closes over the parameters and jits. See `ancestral` for the key layout and the cache semantics.

@@ -1,4 +1,4 @@
-"""Plain ancestral sampling (SPEC §8.2) with DDPM-cache (§8.5) and final noise removal (§8.4).
+"""Plain ancestral sampling (docs/method.md §8.2) with DDPM-cache (§8.5) and final noise removal (§8.4).
 
 Samplers are pure functions over a denoiser callable, so they work for any network:
 `denoise_fn(x, sigma_B) -> raw logits (B, L, V)` (any float dtype; upcast here), where x is ids
@@ -102,7 +102,7 @@ def sampling_logits(raw_BxLxV: Array, mask_id: int, output: str, regime: Regime,
                     temperature: float = 1.0) -> Array:
   """Logits whose softmax the sampler draws from, in the regime's dtype.
 
-  'subs': the [MASK] logit gets −1e6 (SUBS, SPEC §4), so the softmax equals the SUBS distribution
+  'subs': the [MASK] logit gets −1e6 (SUBS, docs/method.md §4), so the softmax equals the SUBS distribution
   at masked rows; revealed rows need no carry-over because every transition copies them.
   'raw': raw logits, [MASK] column included (§8.3). Temperature divides before the suppression.
   """

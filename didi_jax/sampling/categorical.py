@@ -1,4 +1,4 @@
-"""The one categorical draw every sampler uses (SPEC §8.1), and the ancestral transition (§7.2).
+"""The one categorical draw every sampler uses (docs/method.md §8.1), and the ancestral transition (§7.2).
 
 Exponential race: idx = argmax_v w_v / E_v with E_v = 1e-10 − log(U_v + 1e-10); the weights need
 not be normalised. `precision='float32'` is the paper's regime (float32 weights and uniforms,
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from didi_jax import diffusion
 
-# PyTorch CUDA uniforms: u = f32(bits)·2^-32 + 2^-33 (SPEC §8.1).
+# PyTorch CUDA uniforms: u = f32(bits)·2^-32 + 2^-33 (docs/method.md §8.1).
 _TORCH_SCALE = 2.0 ** -32
 _TORCH_OFFSET = 2.0 ** -33
 # The float32 race's offsets (official form): E = EXP_FLOOR − log(U + EXP_FLOOR).
@@ -148,7 +148,7 @@ def _per_row(a, ndim):
 
 def ancestral_step(key: jax.Array, x_BxL: jax.Array, p_BxLxV: jax.Array, alpha_t, alpha_s,
                    mask_id: int, regime: Regime) -> jax.Array:
-  """One reverse transition t -> s (SPEC §2, §7.2).
+  """One reverse transition t -> s (docs/method.md §2, §7.2).
 
   At masked positions draw from unnormalised weights w_v = p_v·(α_s − α_t) (v ≠ m) and
   w_m = 1 − α_s (any [MASK] mass in p is discarded); revealed positions are copied. α may be
@@ -166,7 +166,7 @@ def ancestral_step(key: jax.Array, x_BxL: jax.Array, p_BxLxV: jax.Array, alpha_t
 
 
 def time_grid(steps: int, t_min: float = 1e-5, dtype=None):
-  """t_i = linspace(1, t_min, N+1) and the step dt = (1 − t_min)/N (SPEC §8.2)."""
+  """t_i = linspace(1, t_min, N+1) and the step dt = (1 − t_min)/N (docs/method.md §8.2)."""
   return jnp.linspace(1.0, t_min, steps + 1, dtype=dtype), (1.0 - t_min) / steps
 
 

@@ -1,4 +1,4 @@
-"""Cost accounting for samplers (SPEC §9): network evaluations and FLOPs per sample.
+"""Cost accounting for samplers (docs/method.md §9): network evaluations and FLOPs per sample.
 
 FLOPs per sequence of length L count 2 per multiply-accumulate of the per-token matmuls (qkv,
 attention output, MLP; the output layer or the discriminator head) plus 4·L²·d per layer for
@@ -86,7 +86,7 @@ def disc_backward_flops(model_cfg, length: Optional[int] = None) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerCost:
-  """Per-sample cost of one sampler setting (SPEC §9)."""
+  """Per-sample cost of one sampler setting (docs/method.md §9)."""
   nfe: int                    # the paper's count: N sampler steps (student calls)
   student_forwards: int       # N + noise removal − cache hits
   disc_forwards: int          # RGAS: K_tilt soft + M·(N − K_tilt) hard

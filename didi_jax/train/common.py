@@ -16,11 +16,11 @@ import numpy as np
 import optax
 
 
-GRAD_INF_VALUE = 1e5    # ±inf gradients become ±this (SPEC §7.3)
+GRAD_INF_VALUE = 1e5    # ±inf gradients become ±this (docs/method.md §7.3)
 
 
 def nan_to_num_grads() -> optax.GradientTransformation:
-  """NaN -> 0, ±inf -> ±GRAD_INF_VALUE (SPEC §7.3), before clipping."""
+  """NaN -> 0, ±inf -> ±GRAD_INF_VALUE (docs/method.md §7.3), before clipping."""
   def update_fn(updates, state, params=None):
     del params
     return jax.tree.map(
@@ -48,7 +48,7 @@ def warmup_constant(peak: float, warmup: int):
 
 
 def warmup_linear_decay(peak: float, warmup: int, total: int):
-  """lr(k) = P·(k+1)/W for k < W, else P·max(0, (T−k)/(T−W)) (SPEC §7.3)."""
+  """lr(k) = P·(k+1)/W for k < W, else P·max(0, (T−k)/(T−W)) (docs/method.md §7.3)."""
   def sched(step):
     step = jnp.asarray(step, jnp.float32)
     up = peak * (step + 1.0) / max(warmup, 1)
