@@ -8,8 +8,9 @@ A 3-D input is a soft input read as the official model reads it: logits, h = sof
 in float32 (docs/method.md §3.2). soft_input='probs' reads it as probabilities instead (the path
 RGAS uses internally).
 
-`source` is anything `didi_jax.checkpoint.importer` reads (file, directory, hf:ORG/NAME). With
-dtype=float32 every matmul runs in float32 (parity with the PyTorch model); with bfloat16 the model
+`source` is a didi_jax run directory (a `pretrain` workdir gives its teacher, a `distill` workdir
+its student EMA, student or discriminator) or anything `didi_jax.checkpoint.importer` reads (file,
+directory, hf:ORG/NAME). With dtype=float32 every matmul runs in float32 (parity with the PyTorch model); with bfloat16 the model
 follows the official bf16-autocast policy and returns bf16 logits (docs/method.md §3.2).
 """
 from __future__ import annotations
@@ -21,11 +22,30 @@ import jax.numpy as jnp
 from flax import nnx
 
 from didi_jax import config as config_lib
+from didi_jax import networks
 from didi_jax.checkpoint import importer
 from didi_jax.checkpoint import names
 from didi_jax.models import dit
 
 Array = jax.Array
+
+
+def _check_dtype(dtype):
+  dtype = jnp.dtype(dtype)
+  if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f'dtype={dtype}: use jnp.float32 or jnp.bfloat16')
+  return dtype
+
+
+def _from_workdir(source: str, role: str, dtype, weights: str = 'ema') -> tuple:
+  """(model, model config) of network `role` of a didi_jax run directory, rebuilt in `dtype`."""
+  net = networks.load(source, role, weights=weights)
+  cfg = net.model_cfg.copy_and_resolve_references()
+  cfg.compute_dtype = _check_dtype(dtype).name
+  cfg.dropout = 0.0
+  gd, _, _ = networks.build_abstract(cfg, discriminator=role == 'discriminator')
+  parts = (net.params,) if net.spectral is None else (net.params, net.spectral)
+  return nnx.merge(gd, *parts), cfg
 
 
 def _model_config(src: importer.Source, role: str, size, dtype, length: int):
@@ -39,10 +59,7 @@ def _model_config(src: importer.Source, role: str, size, dtype, length: int):
     cfg = config_lib.model_config(size, vocab_size=inferred.vocab_size, length=length)
   else:
     cfg = importer.as_model_config(size).copy_and_resolve_references()
-  dtype = jnp.dtype(dtype)
-  if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-    raise ValueError(f'dtype={dtype}: use jnp.float32 or jnp.bfloat16')
-  cfg.compute_dtype = dtype.name
+  cfg.compute_dtype = _check_dtype(dtype).name
   cfg.dropout = 0.0
   return cfg
 
@@ -114,8 +131,15 @@ def load_denoiser(source: str, dtype=jnp.float32, size: Union[None, str, object]
   The callable takes ids (B, L) or, as the official DiT, soft-input logits (B, L, V), and σ (B,).
 
   size: None infers the sizes from tensor shapes; a preset name ('small', ...) or a model config.
-  network / weights: see importer.import_dit.
+  network / weights: see importer.import_dit. A run directory's network: 'auto' is the student
+  EMA of a distillation run and the teacher (EMA weights unless weights='raw') of a pre-training
+  run; size and length come from the run's own config.
   """
+  if networks.checkpoint_dir(source) is not None:
+    if network == 'auto':
+      network = 'student_ema' if networks.workdir_job(source) == 'distill' else 'teacher'
+    model, cfg = _from_workdir(source, network, dtype, weights)
+    return Denoiser(model, cfg, lambda m, x, s, soft: m(x, s, soft_input=soft))
   src = importer.open_source(source)
   cfg = _model_config(src, names.DIT, size, dtype, length)
   if network == 'auto':
@@ -130,9 +154,12 @@ def load_discriminator(source: str, dtype=jnp.float32, size: Union[None, str, ob
 
   The callable takes ids (B, L) or, as the official model, soft-input logits (B, L, V), and σ (B,).
   """
-  src = importer.open_source(source)
-  cfg = _model_config(src, names.DISCRIMINATOR, size, dtype, length)
-  model = importer.load_params(src, cfg, 'discriminator')
+  if networks.checkpoint_dir(source) is not None:
+    model, cfg = _from_workdir(source, 'discriminator', dtype)
+  else:
+    src = importer.open_source(source)
+    cfg = _model_config(src, names.DISCRIMINATOR, size, dtype, length)
+    model = importer.load_params(src, cfg, 'discriminator')
   return DiscriminatorFn(model, cfg,
                          lambda m, x, s, soft: m(x, s, soft_input=soft, update_spectral=False))
 

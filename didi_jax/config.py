@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 
+import jax
 import ml_collections
+
+from didi_jax import errors
 
 JOBS = ('pretrain', 'distill', 'sample', 'evaluate', 'sweep', 'pipeline')
 
@@ -22,8 +25,7 @@ MODEL_SIZES = {
 }
 
 
-class ConfigError(ValueError):
-  """A configuration problem; the message is one line naming the fix."""
+ConfigError = errors.ConfigError   # a configuration problem; the message names the fix
 
 
 def model_config(size: str = 'small', vocab_size: int = 50258, length: int = 1024):
@@ -227,6 +229,143 @@ _CHOICES = {
 }
 
 
+# Comma-list fields: the allowed items (sweep grid axes).
+SWEEP_MODELS = ('teacher', 'student', 'ar')
+SWEEP_SAMPLERS = ('ancestral', 'cached', 'rgas')
+PRECISIONS = ('float32', 'float64')
+_LIST_CHOICES = {
+    'sweep.models': SWEEP_MODELS,
+    'sweep.samplers': SWEEP_SAMPLERS,
+    'sweep.precisions': PRECISIONS,
+}
+
+
+def _positive(v):
+  return v > 0
+
+
+def _non_negative(v):
+  return v >= 0
+
+
+def _unit_open_right(v):
+  return 0 <= v < 1
+
+
+def _unit_open(v):
+  return 0 < v < 1
+
+
+# Every numeric field a config carries, with the range it must lie in (checked before any work).
+_RANGES = {
+    'model.hidden_size': (_positive, 'a positive integer'),
+    'model.n_blocks': (_positive, 'a positive integer'),
+    'model.n_heads': (_positive, 'a positive integer'),
+    'model.mlp_dim': (_positive, 'a positive integer'),
+    'model.cond_dim': (_positive, 'a positive integer'),
+    'model.dropout': (_unit_open_right, 'in [0, 1)'),
+    'data.pack_group': (_non_negative, '>= 0 (0 = one global stream)'),
+    'data.valid_docs': (_positive, 'a positive number of documents'),
+    'data.valid_fraction': (_unit_open, 'in (0, 1)'),
+    'data.num_workers': (_non_negative, '>= 0'),
+    'pretrain.batch_size': (_positive, 'a positive number of sequences'),
+    'pretrain.num_steps': (_positive, 'a positive number of steps'),
+    'pretrain.lr': (_non_negative, '>= 0'),
+    'pretrain.warmup_steps': (_non_negative, '>= 0'),
+    'pretrain.b1': (_unit_open_right, 'in [0, 1)'),
+    'pretrain.b2': (_unit_open_right, 'in [0, 1)'),
+    'pretrain.eps': (_positive, 'positive'),
+    'pretrain.weight_decay': (_non_negative, '>= 0'),
+    'pretrain.clip_norm': (_positive, 'positive'),
+    'pretrain.ema_decay': (_unit_open_right, 'in [0, 1)'),
+    'pretrain.eval_every': (_positive, 'a positive number of steps'),
+    'pretrain.eval_batches': (_non_negative, '>= 0'),
+    'pretrain.log_every': (_positive, 'a positive number of steps'),
+    'checkpoint.every': (_positive, 'a positive number of steps'),
+    'checkpoint.keep': (_positive, 'a positive number of checkpoints'),
+    'distill.num_iterations': (_positive, 'a positive number of iterations'),
+    'distill.batch_size': (_positive, 'a positive number of data rows'),
+    'distill.group_size': (_positive, 'a positive number of samples per data row'),
+    'distill.teacher_buffer.size': (_positive, 'a positive number of rows'),
+    'distill.teacher_buffer.steps': (_positive, 'a positive number of sampler steps'),
+    'distill.teacher_buffer.refresh_every': (_positive, 'a positive number of iterations'),
+    'distill.teacher_buffer.refresh_count': (_non_negative, '>= 0'),
+    'distill.kl.coef_hi': (_non_negative, '>= 0'),
+    'distill.kl.coef_lo': (_non_negative, '>= 0'),
+    'distill.kl.scale': (_non_negative, '>= 0'),
+    'distill.entropy_coef': (_non_negative, '>= 0'),
+    'distill.tau.a': (_positive, 'positive'),
+    'distill.tau.b': (_positive, 'positive'),
+    'distill.omega.min': (_positive, 'positive'),
+    'distill.omega.max': (_positive, 'positive'),
+    'distill.optim.student.lr': (_non_negative, '>= 0'),
+    'distill.optim.student.warmup_steps': (_positive, '>= 1'),
+    'distill.optim.student.clip_norm': (_positive, 'positive'),
+    'distill.optim.student.b1': (_unit_open_right, 'in [0, 1)'),
+    'distill.optim.student.b2': (_unit_open_right, 'in [0, 1)'),
+    'distill.optim.student.eps': (_positive, 'positive'),
+    'distill.optim.student.weight_decay': (_non_negative, '>= 0'),
+    'distill.optim.disc.lr': (_non_negative, '>= 0'),
+    'distill.optim.disc.warmup_steps': (_positive, '>= 1'),
+    'distill.optim.disc.clip_norm': (_positive, 'positive'),
+    'distill.optim.disc.b1': (_unit_open_right, 'in [0, 1)'),
+    'distill.optim.disc.b2': (_unit_open_right, 'in [0, 1)'),
+    'distill.optim.disc.eps': (_positive, 'positive'),
+    'distill.optim.disc.weight_decay': (_non_negative, '>= 0'),
+    'distill.ema_decay': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'distill.dropout': (_unit_open_right, 'in [0, 1)'),
+    'distill.adv_clip': (_positive, 'positive'),
+    'distill.adv_std_floor': (_unit_open_right, 'in [0, 1) (default 1e-4)'),
+    'distill.reward_clip': (_positive, 'positive'),
+    'distill.label_smoothing': (lambda v: 0 <= v < 0.5, 'in [0, 0.5)'),
+    'distill.t0': (_unit_open, 'in (0, 1)'),
+    'distill.loss_chunk_len': (_non_negative, '>= 0 (0 = the whole sequence)'),
+    'distill.log_every': (_positive, 'a positive number of iterations'),
+    'distill.sample_every': (_non_negative, '>= 0 (0 = never)'),
+    'distill.sample_count': (_positive, 'a positive number of samples'),
+    'sampler.steps': (_positive, '>= 1'),
+    'sampler.top_p': (lambda v: 0 < v <= 1, 'in (0, 1]'),
+    'sampler.temperature': (_positive, 'positive'),
+    'sampler.t_min': (_unit_open, 'in (0, 1)'),
+    'sampler.sparse_capacity': (_positive, 'positive'),
+    'sampler.rgas.num_candidates': (_positive, '>= 1'),
+    'sampler.rgas.h_start': (_non_negative, '>= 0'),
+    'sampler.rgas.h_end': (_non_negative, '>= 0'),
+    'sampler.rgas.rerank_ratio': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'sampler.rgas.tilt_clip': (_positive, 'positive'),
+    'sampler.rgas.rerank_temperature': (_positive, 'positive'),
+    'sample.num_samples': (_positive, 'a positive number of samples'),
+    'sample.batch_size': (_positive, 'a positive number of sequences per sampler call'),
+    'eval.judge_context': (lambda v: v >= 2, '>= 2 tokens'),
+    'eval.judge_batch_size': (_positive, 'a positive batch size'),
+    'eval.num_samples': (_positive, 'a positive number of samples'),
+    'eval.bootstrap': (_non_negative, '>= 0 resamples'),
+    'eval.nelbo_batches': (_non_negative, '>= 0'),
+}
+
+
+def parse_list(text: str, key: str, choices=None) -> list:
+  """Items of a comma-list field, de-duplicated in order; ConfigError on an unknown item."""
+  items = [s.strip() for s in str(text).split(',') if s.strip()]
+  if choices is not None:
+    bad = [s for s in items if s not in choices]
+    if bad:
+      raise ConfigError(f'--config.{key} has {bad}: use a comma list of {list(choices)}')
+  return list(dict.fromkeys(items))
+
+
+def parse_nfes(text: str, key: str) -> list:
+  """A comma list of step counts >= 1 (e.g. '8,16,32')."""
+  try:
+    nfes = [int(s) for s in parse_list(text, key)]
+  except ValueError:
+    raise ConfigError(f'--config.{key}={text!r} must be a comma list of integers, e.g. '
+                      '8,16,32') from None
+  if any(n < 1 for n in nfes):
+    raise ConfigError(f'--config.{key}={text!r}: every NFE must be >= 1')
+  return nfes
+
+
 def _get(cfg, dotted):
   node = cfg
   for part in dotted.split('.'):
@@ -248,6 +387,14 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                         'didi_jax.config.base_config()') from None
     if value not in choices:
       raise ConfigError(f'--config.{key}={value!r} is not valid: choose one of {list(choices)}')
+  for key, (ok, want) in _RANGES.items():
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+      raise ConfigError(f'--config.{key}={value!r} is not valid: it must be {want}')
+  for key, choices in _LIST_CHOICES.items():
+    parse_list(_get(cfg, key), key, choices)
+  parse_nfes(cfg.sweep.nfes, 'sweep.nfes')
+  parse_nfes(cfg.sweep.teacher_nfes, 'sweep.teacher_nfes')
   m = cfg.model
   if m.hidden_size % m.n_heads:
     raise ConfigError(f'model.hidden_size={m.hidden_size} is not divisible by model.n_heads='
@@ -328,4 +475,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError('sampler.rgas.tilt_clip and rerank_temperature must be positive')
   if d.init == 'checkpoint' and not d.init_checkpoint:
     raise ConfigError('distill.init=checkpoint needs --config.distill.init_checkpoint=PATH')
+  if d.omega.max < d.omega.min:
+    raise ConfigError(f'distill.omega.max={d.omega.max} is below omega.min={d.omega.min}')
+  if d.teacher_buffer.refresh_count > d.teacher_buffer.size:
+    raise ConfigError('distill.teacher_buffer.refresh_count must be <= teacher_buffer.size')
+  if cfg.job != 'pretrain' and s.precision == 'float64' and not jax.config.jax_enable_x64:
+    raise ConfigError("sampler.precision='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 "
+                      'in the environment, or use --config.sampler.precision=float32')
   return cfg

@@ -9,26 +9,8 @@ import re
 
 import numpy as np
 
-from didi_jax import networks, parallel
+from didi_jax import artifacts, networks, parallel
 from didi_jax.data.tokenizers import get_tokenizer
-
-
-def _write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=1, default=_json_default)
-  os.replace(tmp, path)
-
-
-def _json_default(o):
-  if isinstance(o, (np.integer,)):
-    return int(o)
-  if isinstance(o, (np.floating,)):
-    return float(o)
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  return str(o)
 
 
 def network_source(cfg, workdir: str, network: str, explicit: str = '') -> str:
@@ -116,7 +98,7 @@ def write_samples(cfg, workdir: str, res, name: str) -> str:
         rec['settings'] = res.settings
         rec['stats'] = res.stats
         rec['cost'] = res.cost
-      f.write(json.dumps(rec, default=_json_default) + '\n')
+      f.write(json.dumps(rec, default=artifacts.json_default) + '\n')
   os.replace(tmp, path)
   return path
 
@@ -171,8 +153,20 @@ def distill_job(cfg, workdir: str) -> dict:
   return distill_loop.run(cfg, workdir)
 
 
+def _stopped(out: dict, stage: str, total: int) -> dict:
+  """Ends the pipeline after a stage that was stopped (SIGTERM/SIGINT) before it finished."""
+  print(f'== pipeline: {stage} stopped at step {out[stage].get("step")} of {total}; the later '
+        'stages did not run. Run the same command again to resume.', flush=True)
+  out['stopped'] = stage
+  return out
+
+
 def pipeline_job(cfg, workdir: str) -> dict:
-  """Pretrain (only when no teacher is given) -> distill -> samples -> sweep, each resumable."""
+  """Pretrain (only when no teacher is given) -> distill -> sweep, each resumable.
+
+  A stage stopped by a signal ends the pipeline (the next stages would otherwise start from a
+  half-trained network); running the command again resumes that stage and continues.
+  """
   from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
   out = {}
   cfg = copy.deepcopy(cfg)
@@ -183,9 +177,13 @@ def pipeline_job(cfg, workdir: str) -> dict:
       tcfg = copy.deepcopy(cfg)
       tcfg.job = 'pretrain'
       out['pretrain'] = pretrain.run(tcfg, tdir)
+      if not out['pretrain'].get('complete'):
+        return _stopped(out, 'pretrain', cfg.pretrain.num_steps)
       cfg.teacher.checkpoint = tdir
     print(f'== pipeline: distill into {workdir}', flush=True)
     out['distill'] = distill_job(cfg, workdir)
+    if not out['distill'].get('complete'):
+      return _stopped(out, 'distill', cfg.distill.num_iterations)
     print('== pipeline: NFE sweep', flush=True)
     out['sweep'] = sweep_job(cfg, workdir)
   return out

@@ -28,6 +28,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from didi_jax import errors
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (configs/NAME.py[:PRESET]); override fields with '
     '--config.a.b=value.', lock_config=True)
@@ -36,17 +38,12 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, met
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietOrbax(logging.Filter):
-  """Drops orbax's notice that checkpoint items we did not ask for were not restored."""
-
-  def filter(self, record):
-    return 'could not be restored' not in record.getMessage()
-
-
 def run_job(cfg, workdir: str) -> dict:
-  """Dispatches on cfg.job; returns the job's summary dict."""
+  """Validates the config and the workdir, then dispatches on cfg.job; returns the summary."""
+  from didi_jax import artifacts  # pylint: disable=import-outside-toplevel
   from didi_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   config_lib.validate(cfg)
+  artifacts.ensure_workdir(workdir)
   job = cfg.job
   if job == 'pretrain':
     from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
@@ -59,22 +56,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}: use --config.a.b=value overrides')
   from didi_jax import parallel  # pylint: disable=import-outside-toplevel
-  from didi_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
   logging.getLogger().setLevel(logging.WARNING)
-  logging.getLogger('absl').addFilter(_QuietOrbax())
   parallel.maybe_initialize_distributed()
   cfg = _CONFIG.value
   workdir = os.path.expanduser(_WORKDIR.value)
-  from didi_jax.data.sources import DataError  # pylint: disable=import-outside-toplevel
-  from didi_jax.data.packing import PackingError  # pylint: disable=import-outside-toplevel
-  from didi_jax.checkpoint.importer import CheckpointError as ImportError_  # pylint: disable=import-outside-toplevel
-  from didi_jax.checkpoint.manager import CheckpointError  # pylint: disable=import-outside-toplevel
   try:
     summary = run_job(cfg, workdir)
-  except ConfigError as e:
+  except errors.ConfigError as e:
     print(f'config error: {_one_line(e)}', file=sys.stderr)
     sys.exit(2)
-  except (FileNotFoundError, DataError, PackingError, ImportError_, CheckpointError) as e:
+  except (errors.UserError, FileNotFoundError) as e:
     print(f'error: {_one_line(e)}', file=sys.stderr)
     sys.exit(2)
   if summary is not None:

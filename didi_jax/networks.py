@@ -64,11 +64,20 @@ def read_workdir_config(source: str) -> tuple[ml_collections.ConfigDict, Manager
   return ml_collections.ConfigDict(meta['config']), mngr
 
 
+def workdir_job(source: str) -> str:
+  """The job ('pretrain' | 'distill') that wrote the checkpoints of a didi_jax workdir."""
+  _, mngr = read_workdir_config(source)
+  job = mngr.read_meta().get('job', '')
+  mngr.close()
+  return job
+
+
 def _model_cfg(model_dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(model_dict))
 
 
-def _build(model_cfg, discriminator: bool = False):
+def build_abstract(model_cfg, discriminator: bool = False):
+  """(graphdef, abstract params, abstract spectral or None) of a DiT / GPT-2 / discriminator."""
   from didi_jax.models.discriminator import Discriminator, Spectral  # pylint: disable=import-outside-toplevel
   from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
   if discriminator:
@@ -94,14 +103,14 @@ def load(source: str, role: str, model_cfg=None, *, weights: str = 'ema') -> Net
   model_cfg = _model_cfg(model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else model_cfg)
   if role == 'discriminator':
     params_d, spectral_d = importer.import_discriminator(src, model_cfg)
-    gd, params, spectral = _build(model_cfg, discriminator=True)
+    gd, params, spectral = build_abstract(model_cfg, discriminator=True)
     params = _fill(params, params_d)
     spectral = _fill(spectral, spectral_d)
     return Network(role, model_cfg, gd, params, spectral, source)
   network = {'teacher': 'auto', 'student': 'student', 'student_ema': 'student_ema'}.get(role,
                                                                                         'auto')
   params_d = importer.import_dit(src, model_cfg, network=network, weights=weights)
-  gd, params, _ = _build(model_cfg)
+  gd, params, _ = build_abstract(model_cfg)
   return Network(role, model_cfg, gd, _fill(params, params_d), None, source)
 
 
@@ -119,7 +128,7 @@ def _load_workdir(source: str, role: str, weights: str) -> Network:
     if role not in ('teacher', 'ar'):
       raise ValueError(f'{source} is a pre-training run: it holds a teacher, not a {role}')
     from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
-    gd, _, _ = _build(model_cfg)
+    gd, _, _ = build_abstract(model_cfg)
     tx = pretrain.make_optimizer(cfg.pretrain)
     state, _, _ = mngr.restore(pretrain.abstract_state(cfg, tx))
     params = state['ema'] if weights == 'ema' else state['params']
@@ -136,7 +145,7 @@ def _load_workdir(source: str, role: str, weights: str) -> Network:
                        f'{cfg.teacher.checkpoint!r}: pass that as --config.teacher.checkpoint')
     if role in ('student', 'student_ema'):
       params = state.ema if role == 'student_ema' else state.student
-      gd, _, _ = _build(model_cfg)
+      gd, _, _ = build_abstract(model_cfg)
       return Network(role, model_cfg, gd, params, None, source)
     if role == 'discriminator':
       merged = nnx.merge(disc_gd, state.disc_train, state.disc_frozen, state.spectral)
@@ -150,6 +159,6 @@ def _load_workdir(source: str, role: str, weights: str) -> Network:
 def abstract_distill_state(cfg):
   from didi_jax.train import distill_state as ds  # pylint: disable=import-outside-toplevel
   model_cfg = _model_cfg(cfg.model.to_dict())
-  _, abstract_params, _ = _build(model_cfg)
+  _, abstract_params, _ = build_abstract(model_cfg)
   return jax.eval_shape(lambda p: ds.init_distill_state(cfg, p, jax.random.PRNGKey(0)),
                         abstract_params)

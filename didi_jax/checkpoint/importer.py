@@ -32,6 +32,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from didi_jax import config as config_lib
+from didi_jax import errors
 from didi_jax.checkpoint import names
 from didi_jax.checkpoint import torch_ckpt
 
@@ -45,8 +46,8 @@ DIDI_IGNORED_NAMES = ('reward_baseline',)   # a DiDiInstruct buffer, not part of
 _MAX_LISTED = 12
 
 
-class CheckpointError(ValueError):
-  """A checkpoint cannot be imported; the message lists every problem and says how to fix it."""
+# A checkpoint cannot be imported; the message lists every problem and says how to fix it.
+CheckpointError = errors.CheckpointError
 
 
 # ----------------------------------------------------------------------------------------------

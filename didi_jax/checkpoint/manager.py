@@ -8,15 +8,30 @@ abstract (optionally sharded) target so parameters come back already laid out on
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
+from didi_jax import errors
 
-class CheckpointError(RuntimeError):
-  pass
+
+CheckpointError = errors.CheckpointError
+
+
+class _QuietOrbax(logging.Filter):
+  """Drops orbax's notice that checkpoint items we did not ask for were not restored (we
+  restore items selectively on purpose: a notice per item is noise in every command)."""
+
+  def filter(self, record):
+    return 'could not be restored' not in record.getMessage()
+
+
+for _name in ('absl', 'orbax', ''):
+  if not any(isinstance(f, _QuietOrbax) for f in logging.getLogger(_name).filters):
+    logging.getLogger(_name).addFilter(_QuietOrbax())
 
 
 class Manager:

@@ -33,6 +33,8 @@ from typing import Any, Mapping, Optional
 import ml_dtypes
 import numpy as np
 
+from didi_jax import errors
+
 # Storage class name -> numpy dtype.
 STORAGE_DTYPES = {
     'FloatStorage': np.dtype(np.float32),
@@ -60,8 +62,8 @@ V3_DTYPES = {'float8_e4m3fn': np.dtype(ml_dtypes.float8_e4m3fn),
 _V3_NAME = {v: k for k, v in V3_DTYPES.items()}
 
 
-class TorchFormatError(ValueError):
-  """A file is not a readable PyTorch zip checkpoint (the message says why and what to do)."""
+# A file is not a readable PyTorch zip / safetensors file (the message says why and what to do).
+TorchFormatError = errors.CheckpointFormatError
 
 
 # ----------------------------------------------------------------------------------------------

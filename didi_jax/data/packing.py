@@ -12,11 +12,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from didi_jax import errors
+
 SPECIAL_PER_BLOCK = 2    # BOS + EOS around every piece
 
 
-class PackingError(ValueError):
-  """A packing problem; the message is one line naming the fix."""
+PackingError = errors.PackingError   # a packing problem; the message names the fix
 
 
 class Packer:

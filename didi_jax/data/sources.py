@@ -42,6 +42,8 @@ import tarfile
 import tempfile
 from typing import Iterator, Sequence
 
+from didi_jax import errors
+
 SPLITS = ('train', 'valid')
 CACHE_ENV = 'DIDI_JAX_CACHE'
 DEFAULT_CACHE = os.path.join('~', '.cache', 'didi_jax')
@@ -60,8 +62,7 @@ DOC_SUFFIXES = (TEXT_SUFFIX, JSONL_SUFFIX)
 HF_BATCH_DOCS = 1000                   # documents fetched per slice of an HF dataset
 
 
-class DataError(ValueError):
-  """A data problem; the message is one line naming the fix."""
+DataError = errors.DataError   # a data problem; the message names the fix
 
 
 def cache_root(data_cfg) -> str:

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from didi_jax import jobs, parallel
+from didi_jax import artifacts, jobs, parallel
 from didi_jax.evaluation import judges, metrics
 
 COST_KEYS = ('nfe', 'student_forwards', 'disc_forwards', 'disc_backwards', 'network_evaluations',
@@ -195,7 +195,7 @@ def run(cfg, workdir: str) -> dict:
   if nelbo_note:
     out['nelbo_note'] = nelbo_note
   path = os.path.join(workdir, 'eval', name + '.json')
-  jobs._write_json(path, out)  # pylint: disable=protected-access
+  artifacts.write_json(path, out)
   lo, hi = out['gen_ppl_ci']
   line = (f'eval {name}: Gen PPL {out["gen_ppl"]:.2f} [{lo:.2f}, {hi:.2f}] ({e.judge}, '
           f'ctx {e.judge_context}, {out["num_samples"]} samples) | entropy '

@@ -28,15 +28,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from didi_jax import jobs, networks, parallel
+from didi_jax import config as config_lib
+from didi_jax import artifacts, jobs, networks, parallel
 from didi_jax.data.tokenizers import get_tokenizer
 from didi_jax.evaluation import evaluate, judges, plots
 from didi_jax.sampling import categorical, cost as cost_lib, runner
 from didi_jax.train import common
 
-MODELS = ('teacher', 'student', 'ar')
-SAMPLERS = ('ancestral', 'cached', 'rgas')
-PRECISIONS = ('float32', 'float64')
+MODELS = config_lib.SWEEP_MODELS
+SAMPLERS = config_lib.SWEEP_SAMPLERS
+PRECISIONS = config_lib.PRECISIONS
 RESULTS, TABLE, STALE = 'results.json', 'results.md', 'results.stale.json'
 CURVE, CURVE_FLOPS = 'curve.png', 'curve_flops.png'
 
@@ -63,23 +64,11 @@ class Cell:
 
 
 def parse_list(text: str, key: str, choices: Optional[tuple] = None) -> list[str]:
-  items = [s.strip() for s in str(text).split(',') if s.strip()]
-  if choices is not None:
-    bad = [s for s in items if s not in choices]
-    if bad:
-      raise ValueError(f'--config.sweep.{key} has {bad}: use a comma list of {list(choices)}')
-  return list(dict.fromkeys(items))
+  return config_lib.parse_list(text, f'sweep.{key}', choices)
 
 
 def parse_nfes(text: str, key: str) -> list[int]:
-  try:
-    nfes = [int(s) for s in parse_list(text, key)]
-  except ValueError:
-    raise ValueError(f'--config.sweep.{key}={text!r} must be a comma list of integers, e.g. '
-                     '8,16,32') from None
-  if any(n < 1 for n in nfes):
-    raise ValueError(f'--config.sweep.{key}={text!r}: every NFE must be >= 1')
-  return nfes
+  return config_lib.parse_nfes(text, f'sweep.{key}')
 
 
 # ---------------------------------------------------------------------------------- networks
@@ -274,7 +263,7 @@ def cell_settings(cfg, cell: Cell, entry: ModelEntry) -> dict:
          'batch_size': int(cfg.sample.batch_size), 'judge': e.judge,
          'judge_context': int(e.judge_context), 'judge_group_size': int(cfg.sample.batch_size),
          'bootstrap': int(e.bootstrap), 'x64': x64, 'sampler': sampler}
-  return json.loads(json.dumps(out, default=jobs._json_default))  # pylint: disable=protected-access
+  return json.loads(json.dumps(out, default=artifacts.json_default))
 
 
 # ------------------------------------------------------------------------------------ rows
@@ -456,7 +445,7 @@ def run(cfg, workdir: str) -> dict:
 
   def save():
     pending = [previous[i] for i in unused]
-    jobs._write_json(results_path, rows + pending)  # pylint: disable=protected-access
+    artifacts.write_json(results_path, rows + pending)
 
   for i, cell in enumerate(cells):
     entry = models.entries[cell.model]
@@ -498,11 +487,11 @@ def run(cfg, workdir: str) -> dict:
           f'{dt:.1f}s | ETA {_fmt_eta(eta)}', flush=True)
 
   stale = [previous[i] for i in unused]
-  jobs._write_json(results_path, rows)  # pylint: disable=protected-access
+  artifacts.write_json(results_path, rows)
   stale_path = os.path.join(out_dir, STALE)
   if stale:
     old = read_rows(stale_path)
-    jobs._write_json(stale_path, old + stale)  # pylint: disable=protected-access
+    artifacts.write_json(stale_path, old + stale)
     print(f'sweep: {len(stale)} rows of {RESULTS} had other settings: moved to {stale_path}',
           flush=True)
 

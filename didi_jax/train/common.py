@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -78,10 +78,14 @@ def mdlm_ema_decay(step, decay):
 class MetricWriter:
   """JSONL metrics in the workdir (process 0 only); TensorBoard when asked and installed."""
 
-  def __init__(self, workdir: str, tensorboard: bool = False):
+  def __init__(self, workdir: str, tensorboard: bool = False, resume_step: Optional[int] = None):
+    """`resume_step`: the step the run resumes from; rows logged after it by a run that was
+    killed before its next checkpoint are dropped, since they are about to be logged again."""
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
+    if self.enabled and resume_step is not None and os.path.exists(self.path):
+      self._drop_after(resume_step)
     if self.enabled and tensorboard:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
@@ -89,6 +93,23 @@ class MetricWriter:
       except ImportError:
         logging.warning('logging.tensorboard=True but tensorboardX is not installed: '
                         'pip install tensorboardX (continuing with JSONL only)')
+
+  def _drop_after(self, step: int):
+    with open(self.path, encoding='utf-8') as f:
+      lines = f.readlines()
+    keep = []
+    for line in lines:
+      try:
+        if int(json.loads(line).get('step', 0)) > step:
+          continue
+      except (ValueError, AttributeError):
+        continue                              # a line cut short by the kill
+      keep.append(line if line.endswith('\n') else line + '\n')
+    if len(keep) != len(lines):
+      tmp = self.path + '.tmp'
+      with open(tmp, 'w', encoding='utf-8') as f:
+        f.writelines(keep)
+      os.replace(tmp, self.path)
 
   def write(self, step: int, metrics: dict[str, Any], prefix: str = ''):
     if not self.enabled:
@@ -106,20 +127,30 @@ class MetricWriter:
 
 
 class Progress:
-  """One progress line with steps/s, tokens/s and ETA."""
+  """One progress line with steps/s, tokens/s and ETA.
 
-  def __init__(self, total: int, start: int, tokens_per_step: int, label: str = 'train'):
+  Rates are measured from the first line on: the steps before it include compilation, which
+  would inflate the ETA many times over on short runs. The first line shows 'ETA ?'.
+  """
+
+  def __init__(self, total: int, start: int, tokens_per_step: int, label: str = 'train',
+               clock=time.time):
     self.total, self.start, self.tps, self.label = total, start, tokens_per_step, label
-    self.t0 = time.time()
+    self.clock = clock
+    self._ref = None                         # (step, time) of the first line
     self.enabled = jax.process_index() == 0
 
   def line(self, step: int, metrics: dict[str, float]) -> str:
-    done = step - self.start
-    dt = max(time.time() - self.t0, 1e-9)
-    sps = done / dt
+    now = self.clock()
+    if self._ref is None or step <= self._ref[0]:
+      self._ref = (step, now)
+      sps = float('nan')
+    else:
+      sps = (step - self._ref[0]) / max(now - self._ref[1], 1e-9)
     eta = (self.total - step) / sps if sps > 0 else float('inf')
-    parts = [f'{self.label} {step}/{self.total}', f'{sps:.2f} steps/s',
-             f'{sps * self.tps:,.0f} tok/s', f'ETA {_fmt_time(eta)}']
+    rate = ['? steps/s', '? tok/s'] if not sps > 0 else [f'{sps:.2f} steps/s',
+                                                        f'{sps * self.tps:,.0f} tok/s']
+    parts = [f'{self.label} {step}/{self.total}'] + rate + [f'ETA {_fmt_time(eta)}']
     parts += [f'{k} {float(v):.4g}' for k, v in metrics.items()]
     return ' | '.join(parts)
 
