@@ -93,12 +93,33 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
                        'multi-host runs must use every device (set one mesh axis to -1)')
     logging.warning('mesh %s uses %d of %d devices', dict(zip(AXES, shape)), used, len(devices))
     devices = devices[:used]
+  slices = num_slices(devices)
+  if slices > 1:
+    return Mesh(_multislice_device_mesh(shape, devices, slices), AXES)
   try:
     from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
     arr = mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception:  # pylint: disable=broad-except
     arr = np.asarray(devices).reshape(shape)
   return Mesh(arr, AXES)
+
+
+def num_slices(devices) -> int:
+  """TPU slices joined over the data-centre network (multi-slice); 1 elsewhere."""
+  if not devices or getattr(devices[0], 'platform', '') != 'tpu':
+    return 1
+  return len({int(getattr(d, 'slice_index', 0) or 0) for d in devices})
+
+
+def _multislice_device_mesh(shape, devices, slices: int) -> np.ndarray:
+  """Multi-slice: the `data` axis is split slices × per-slice (the slow DCN link carries only
+  the data-parallel gradient all-reduce); fsdp and tensor stay inside a slice."""
+  if shape[0] % slices:
+    raise ValueError(f'mesh {dict(zip(AXES, shape))} on {slices} TPU slices: mesh.data must be a '
+                     f'multiple of the slice count {slices} (fsdp and tensor stay inside a slice)')
+  from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+  return mesh_utils.create_hybrid_device_mesh(
+      (shape[0] // slices, shape[1], shape[2]), (slices, 1, 1), devices=devices)
 
 
 def _mesh_axis_size(mesh: Mesh, axis) -> int:

@@ -14,11 +14,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from didi_jax import distill, networks, parallel
 from didi_jax.checkpoint.manager import Manager
 from didi_jax.train import common
 from didi_jax.train import distill_state as ds
+from didi_jax.train import pretrain
 
 SIZE_KEYS = ('hidden_size', 'n_blocks', 'n_heads', 'mlp_dim', 'cond_dim', 'vocab_size', 'length')
 INIT_KEY_SALT = 0x5EED
@@ -48,8 +50,17 @@ def load_teacher(cfg):
   return networks.load(source, 'teacher', model_cfg, weights=cfg.teacher.weights)
 
 
+def abstract_teacher_params(cfg):
+  """Shapes and dtypes of the teacher's parameters (a DiT of `cfg.model`), nothing allocated."""
+  return nnx.state(pretrain.abstract_model(cfg.model), nnx.Param)
+
+
 class DistillRunner:
-  """Mesh, shardings, compiled iteration and helpers for one distillation run."""
+  """Mesh, shardings, compiled iteration and helpers for one distillation run.
+
+  `teacher=None` builds the same mesh, shardings and jitted step without any teacher arrays
+  (`teacher_params` is then None): what `didi_jax.aot` compiles ahead of time.
+  """
 
   def __init__(self, cfg, teacher, devices=None):
     self.cfg = cfg
@@ -60,10 +71,12 @@ class DistillRunner:
                        f'{div} devices of the batch axes: use a multiple of {div} or set '
                        '--config.mesh.* so that data*fsdp divides it')
     self.student_gd, self.disc_gd = ds.make_graphdefs(cfg)
-    self.teacher_params = parallel.shard_params(self.mesh, teacher.params)
+    self.teacher_params = None if teacher is None else \
+        parallel.shard_params(self.mesh, teacher.params)
     self.abstract = networks.abstract_distill_state(cfg)
     self.state_sh = parallel.param_shardings(self.mesh, self.abstract)
-    self.teacher_sh = parallel.param_shardings(self.mesh, self.teacher_params)
+    self.teacher_sh = parallel.param_shardings(
+        self.mesh, abstract_teacher_params(cfg) if teacher is None else self.teacher_params)
     rep = parallel.replicated(self.mesh)
     self.run_key = jax.random.PRNGKey(cfg.seed)
     step = distill.make_distill_step(cfg, self.student_gd, self.disc_gd)
