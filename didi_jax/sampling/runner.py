@@ -62,6 +62,33 @@ def make_sample_fn(sampler_cfg, denoiser, disc=None, *, batch_size: int, length:
   return jax.jit(fn)
 
 
+def host_value(x) -> np.ndarray:
+  """The whole value of a jax.Array on this host, also when its shards live on other processes
+  (multi-host: every process gets every row)."""
+  if getattr(x, 'is_fully_addressable', True) or x.is_fully_replicated:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def check_batch_size(mesh, batch_size: int) -> None:
+  div = parallel.batch_divisor(mesh)
+  if batch_size % div:
+    raise ValueError(f'sample batch size {batch_size} is not divisible by the {div} devices of '
+                     f'the batch axes: use a multiple of {div} (--config.sample.batch_size)')
+
+
+def network_shardings(mesh, denoiser, disc=None):
+  """(denoiser params, (disc params, disc spectral) or None) shardings, as `generate` lays the
+  networks out (parameters by the rules table, spectral vectors replicated)."""
+  params_sh = parallel.param_shardings(mesh, denoiser.params)
+  if disc is None:
+    return params_sh, None
+  rep = parallel.replicated(mesh)
+  return params_sh, (parallel.param_shardings(mesh, disc.params),
+                     jax.tree.map(lambda _: rep, disc.spectral))
+
+
 def generate(sampler_cfg, denoiser, disc=None, *, num_samples: int, batch_size: int,
              seed: int, mesh=None, log_every: int = 0) -> SampleResult:
   """Draws `num_samples` sequences with `sampler_cfg` from `denoiser` (a networks.Network)."""
@@ -72,15 +99,10 @@ def generate(sampler_cfg, denoiser, disc=None, *, num_samples: int, batch_size: 
   model_cfg = denoiser.model_cfg
   length, mask_id = int(model_cfg.length), int(model_cfg.vocab_size) - 1
   mesh = mesh or parallel.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-  div = parallel.batch_divisor(mesh)
-  if batch_size % div:
-    raise ValueError(f'sample batch size {batch_size} is not divisible by the {div} devices of '
-                     f'the batch axes: use a multiple of {div} (--config.sample.batch_size)')
-  params = parallel.shard_params(mesh, denoiser.params)
-  dparams = None
-  if disc is not None:
-    dparams = (parallel.shard_params(mesh, disc.params),
-               jax.device_put(disc.spectral, parallel.replicated(mesh)))
+  check_batch_size(mesh, batch_size)
+  params_sh, dparams_sh = network_shardings(mesh, denoiser, disc)
+  params = jax.device_put(denoiser.params, params_sh)
+  dparams = None if disc is None else jax.device_put((disc.params, disc.spectral), dparams_sh)
   fn = make_sample_fn(sampler_cfg, denoiser, disc, batch_size=batch_size, length=length,
                       mask_id=mask_id)
   n_batches = -(-num_samples // batch_size)
@@ -93,8 +115,8 @@ def generate(sampler_cfg, denoiser, disc=None, *, num_samples: int, batch_size: 
   t0 = time.time()
   for b in range(n_batches):
     ids, stats = fn(params, dparams, jax.random.fold_in(base, b), x_init)
-    ids = np.asarray(jax.device_get(ids))
-    stats = jax.device_get(stats)
+    ids = host_value(ids)
+    stats = jax.tree.map(host_value, stats)
     if sampler_cfg.noise_removal != 'none' and int(stats['masked_remaining']) != 0:
       raise RuntimeError(f'{int(stats["masked_remaining"])} [MASK] tokens survived noise '
                          'removal: this is a bug, please report it')

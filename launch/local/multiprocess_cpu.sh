@@ -8,7 +8,7 @@
 #       --config=configs/demo.py:smoke --workdir=/tmp/mp_smoke \
 #       --config.job=pretrain --config.pretrain.num_steps=4
 #
-# Every argument after `--` goes to `python -m didi_jax.main` unchanged. Logs: one file per
+# Every argument after `--` goes to `python -m didi_jax.main` (or `-m MODULE`) unchanged. Logs: one file per
 # process in the log dir (default: a fresh mktemp dir, printed at start); process 0's log
 # is also streamed to stdout. Exits 0 only if every process exits 0; if one fails, the others are
 # stopped (by their own PIDs) and the first failure's status is returned.
@@ -17,15 +17,16 @@ set -euo pipefail
 usage() {
   cat <<'EOF'
 usage: launch/local/multiprocess_cpu.sh [-n NUM_PROCESSES] [-k DEVICES_PER_PROCESS] [-p PORT]
-                                        [-l LOG_DIR] [-t TIMEOUT_S] -- MAIN_ARGS...
+                                        [-l LOG_DIR] [-t TIMEOUT_S] [-m MODULE] -- MAIN_ARGS...
 
   -n  processes to start (default 2; env NUM_PROCESSES)
   -k  fake CPU devices per process, via XLA_FLAGS (default 2; env DEVICES_PER_PROCESS)
   -p  coordinator port on localhost (default: a free port; env PORT)
   -l  directory for per-process logs (default: a fresh mktemp dir; env LOG_DIR)
   -t  kill everything after this many seconds (default 0 = no limit; env TIMEOUT_S)
+  -m  Python module every process runs (default didi_jax.main; env MODULE), e.g. a test worker
 Ctrl-C / SIGTERM: forwarded as SIGTERM (checkpoint, then exit); SIGKILL after STOP_GRACE_S (120).
-  MAIN_ARGS  passed to `python -m didi_jax.main` (e.g. --config=configs/demo.py:smoke
+  MAIN_ARGS  passed to `python -m MODULE` (e.g. --config=configs/demo.py:smoke
              --workdir=/tmp/run --config.job=pretrain)
 
 Python: $PYTHON, else the repo's .venv/bin/python, else python3.
@@ -37,14 +38,16 @@ devices_per_process="${DEVICES_PER_PROCESS:-2}"
 port="${PORT:-}"
 log_dir="${LOG_DIR:-}"
 timeout_s="${TIMEOUT_S:-0}"
+module="${MODULE:-didi_jax.main}"
 
-while getopts ":n:k:p:l:t:h" opt; do
+while getopts ":n:k:p:l:t:m:h" opt; do
   case "${opt}" in
     n) num_processes="${OPTARG}" ;;
     k) devices_per_process="${OPTARG}" ;;
     p) port="${OPTARG}" ;;
     l) log_dir="${OPTARG}" ;;
     t) timeout_s="${OPTARG}" ;;
+    m) module="${OPTARG}" ;;
     h) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
   esac
@@ -54,7 +57,7 @@ if [[ "${1:-}" == "--" ]]; then
   shift
 fi
 if [[ $# -eq 0 ]]; then
-  echo "error: no arguments for didi_jax.main: add -- --config=... --workdir=..." >&2
+  echo "error: no arguments for ${module}: add -- --config=... --workdir=..." >&2
   usage >&2
   exit 2
 fi
@@ -97,6 +100,7 @@ cleanup() {
 }
 # On Ctrl-C / SIGTERM: pass SIGTERM on (the training loops save a checkpoint at the next step
 # and exit), wait up to STOP_GRACE_S seconds (default 120), then SIGKILL what is left.
+# shellcheck disable=SC2317  # reached through the trap below
 on_signal() {
   echo "multiprocess_cpu: stopping; the processes save a checkpoint first" >&2
   cleanup
@@ -119,7 +123,7 @@ for (( i = 0; i < num_processes; i++ )); do
     export DIDI_COORDINATOR="localhost:${port}"
     export DIDI_NUM_PROCESSES="${num_processes}"
     export DIDI_PROCESS_ID="${i}"
-    exec "${PYTHON}" -m didi_jax.main "$@"
+    exec "${PYTHON}" -m "${module}" "$@"
   ) >"${log_dir}/process_${i}.log" 2>&1 &
   pids+=("$!")
 done
