@@ -1,6 +1,7 @@
 """What users hit at the command line: stops between and within pipeline stages, one-line errors
 for bad files and workdirs, every config value checked before any work, and the API on run
 directories (tests for `didi_jax/main.py`, `jobs.py`, `errors.py`, `artifacts.py`, `api.py`)."""
+import json
 import os
 import subprocess
 import sys
@@ -202,3 +203,18 @@ def test_api_loads_run_directories(tmp_path):
   assert not np.allclose(np.asarray(raw(ids, sigma)), want)    # raw weights differ from EMA
   with pytest.raises(ValueError, match='pre-training run'):
     api.load_discriminator(work)
+
+
+def test_rerun_after_a_kill_logs_each_step_once(tmp_path):
+  """A SIGKILL after step 3 was logged but before its checkpoint: the re-run resumes at 2 and
+  logs 3 again, so the stale row must go (not appear twice)."""
+  work = str(tmp_path / 'run')
+  over = {'job': 'pretrain', 'checkpoint.every': 2}
+  cli.run_job(smoke_cfg(tmp_path, **over, **{'pretrain.num_steps': 2}), work)
+  with open(os.path.join(work, 'metrics.jsonl'), 'a', encoding='utf-8') as f:
+    f.write('{"step": 3, "loss": 123.0}\n{"step": 4, "lo')      # killed mid-write
+  cli.run_job(smoke_cfg(tmp_path, **over, **{'pretrain.num_steps': 4}), work)
+  steps = [json.loads(line)['step'] for line in open(os.path.join(work, 'metrics.jsonl'),
+                                                      encoding='utf-8') if '"loss"' in line]
+  assert steps == [1, 2, 3, 4]
+  assert read_metrics(work)[3] != 123.0

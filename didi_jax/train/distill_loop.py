@@ -189,7 +189,7 @@ def run(cfg, workdir: str) -> dict:
     mngr.close()
     return {'step': start, 'complete': True}
 
-  writer = common.MetricWriter(workdir, cfg.logging.tensorboard)
+  writer = common.MetricWriter(workdir, cfg.logging.tensorboard, resume_step=start)
   progress = common.Progress(d.num_iterations, start, d.batch_size * d.group_size * L, 'distill')
   stop = common.StopFlag()
   meta = checkpoint_meta(cfg, 'distill', {'teacher_source': cfg.teacher.checkpoint,

@@ -189,7 +189,7 @@ def run(cfg, workdir: str) -> dict:
     mngr.close()
     return {'step': start, 'complete': True}
 
-  writer = common.MetricWriter(workdir, cfg.logging.tensorboard)
+  writer = common.MetricWriter(workdir, cfg.logging.tensorboard, resume_step=start)
   progress = common.Progress(pcfg.num_steps, start, pcfg.batch_size * L, 'pretrain')
   stop = common.StopFlag()
   meta = checkpoint_meta(cfg, 'pretrain')
