@@ -33,66 +33,73 @@ def model_config(size: str = 'small', vocab_size: int = 50258, length: int = 102
   return ml_collections.ConfigDict(dict(
       kind='dit',                 # 'dit' (masked diffusion) | 'ar' (causal GPT-2-style baseline)
       size=size,                  # informational; the numbers below are what is built
-      hidden_size=d,
-      n_blocks=n,
-      n_heads=h,
-      mlp_dim=m,
-      cond_dim=c,
-      vocab_size=vocab_size,      # tokenizer vocab + 1 ([MASK] = vocab_size - 1)
-      length=length,              # sequence length L
-      dropout=0.1,                # used in pre-training only (docs/method.md D9)
-      compute_dtype='bfloat16',   # 'bfloat16' | 'float32' (float32 for parity tests)
-      attention_impl='xla',       # 'xla' | 'cudnn' (GPU) | 'auto'
-      remat=False,                # rematerialise each block in the backward pass
+      hidden_size=d,              # model width d (paper's small: 768)
+      n_blocks=n,                 # transformer blocks (small: 12)
+      n_heads=h,                  # attention heads; head dim = hidden_size / n_heads, even (64)
+      mlp_dim=m,                  # MLP hidden width (small: 3072)
+      cond_dim=c,                 # width of the noise-level conditioning vector (128)
+      vocab_size=vocab_size,      # tokenizer vocab + 1 ([MASK] = vocab_size - 1); GPT-2: 50258
+      length=length,              # sequence length L in tokens (paper: 1024)
+      dropout=0.1,                # in [0, 1); pre-training only (docs/method.md D9; paper 0.1)
+      compute_dtype='bfloat16',   # matmul dtype: 'bfloat16' (official autocast) | 'float32'
+      attention_impl='xla',       # 'xla' | 'cudnn' (GPU fused attention) | 'auto' (JAX picks)
+      remat=False,                # recompute each block in the backward pass (saves memory)
   ))
 
 
 def base_config() -> ml_collections.ConfigDict:
   """All knobs with the paper's OWT defaults (docs/method.md §1-§10)."""
   cfg = ml_collections.ConfigDict()
-  cfg.job = 'pretrain'            # one of JOBS
-  cfg.seed = 1                    # run seed (official default 1)
+  cfg.job = 'pretrain'            # one of JOBS: pretrain | distill | sample | evaluate | sweep |
+                                  # pipeline
+  cfg.seed = 1                    # run seed: keys of every step derive from it (official: 1)
   cfg.model = model_config('small')
 
   cfg.data = ml_collections.ConfigDict(dict(
       source='owt',               # 'owt' | 'shakespeare' | 'text' | 'npy'
-      tokenizer='gpt2',           # 'gpt2' | 'byte'
+      tokenizer='gpt2',           # 'gpt2' (BPE, 50257 ids) | 'byte' (256 bytes + EOS)
       paths='',                   # 'text' (and 'owt' local dump): comma-separated globs/dirs of
                                   # .txt/.jsonl; 'npy': dir with train.npy/valid.npy
       jsonl_field='text',         # field of .jsonl records (and HF rows) holding the text
       hf_dataset='openwebtext',   # 'owt' without paths: HF datasets name (needs network + datasets)
       cache_dir='',               # tokenisation cache ('' -> $DIDI_JAX_CACHE or ~/.cache/didi_jax)
-      pack_group=1000,            # documents per packing group (docs/method.md §2); 0 = one global stream
-      valid_docs=100000,          # OWT: last N documents are validation (train[-100000:])
-      valid_fraction=0.05,        # shakespeare/text: tail fraction of every document held out
-      shuffle_seed=42,            # seeded per-epoch permutation of training blocks
+      pack_group=1000,            # documents per packing group, >= 0 (docs/method.md §2; official
+                                  # 1000); 0 = one global stream
+      valid_docs=100000,          # OWT: the last N documents are validation (train[-100000:])
+      valid_fraction=0.05,        # shakespeare/text: tail fraction of every document held out,
+                                  # in (0, 1)
+      shuffle_seed=42,            # seed of the per-epoch permutation of training blocks
+                                  # (official distillation loader: 42)
       num_workers=0,              # training batches prepared ahead in background threads (0: none)
   ))
 
   cfg.mesh = ml_collections.ConfigDict(dict(
-      data=-1,                    # -1: all devices not used by the other axes
-      fsdp=1,
-      tensor=1,
+      data=-1,                    # data-parallel devices; -1: all devices not used by the others
+      fsdp=1,                     # parameter-sharded (ZeRO-3 style) devices; the batch spans too
+      tensor=1,                   # tensor-parallel devices (MLP, heads, vocabulary)
   ))
 
   cfg.pretrain = ml_collections.ConfigDict(dict(
-      batch_size=512,             # global batch (sequences)
-      num_steps=1_000_000,
-      lr=3e-4,
-      warmup_steps=2500,          # linear warm-up, then constant (docs/method.md §4)
-      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-      clip_norm=1.0,
-      ema_decay=0.9999,           # decay_n = min(decay, (1+n)/(10+n))
-      eval_every=10000,
-      eval_batches=16,
-      log_every=100,
-      antithetic=True,
+      batch_size=512,             # global batch in sequences (MDLM: 512)
+      num_steps=1_000_000,        # optimiser steps (MDLM: 1M)
+      lr=3e-4,                    # peak AdamW learning rate (MDLM: 3e-4)
+      warmup_steps=2500,          # linear warm-up, then constant (docs/method.md §4; MDLM: 2500)
+      b1=0.9, b2=0.999,           # AdamW betas, in [0, 1) (MDLM: 0.9, 0.999)
+      eps=1e-8,                   # AdamW epsilon, > 0
+      weight_decay=0.0,           # decoupled weight decay, >= 0 (MDLM: 0)
+      clip_norm=1.0,              # global gradient-norm clip, > 0 (MDLM: 1.0)
+      ema_decay=0.9999,           # EMA cap; decay_n = min(decay, (1+n)/(10+n)) (MDLM: 0.9999)
+      eval_every=10000,           # steps between validation NELBO evaluations
+      eval_batches=16,            # validation batches per evaluation (0: skip evaluation)
+      log_every=100,              # steps between metrics rows / progress lines
+      antithetic=True,            # antithetic noise times over the global batch (MDLM: on)
   ))
 
   cfg.checkpoint = ml_collections.ConfigDict(dict(
-      every=5000,                 # steps between checkpoints
-      keep=3,                     # keep the last N
-      async_save=True,
+      every=5000,                 # steps (iterations) between checkpoints; also on SIGTERM and
+                                  # at the end (official distillation: 200)
+      keep=3,                     # keep the last N checkpoints
+      async_save=True,            # write in the background while training continues
   ))
 
   cfg.teacher = ml_collections.ConfigDict(dict(
@@ -101,104 +108,130 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   cfg.distill = ml_collections.ConfigDict(dict(
-      num_iterations=10_000,
-      batch_size=8,               # data rows B
-      group_size=4,               # G student samples per data row
-      real_source='data',         # 'data' | 'teacher_samples' (D1)
+      num_iterations=10_000,      # DiDi-Instruct iterations (paper: 10,000, ~1 H100-hour)
+      batch_size=8,               # data rows B per iteration (docs/method.md D8: 8)
+      group_size=4,               # G student samples per data row; N = B·G rows (D8: 4)
+      real_source='data',         # 'data' | 'teacher_samples': the discriminator's real side (D1)
       teacher_buffer=ml_collections.ConfigDict(dict(
-          size=2048, steps=1024, refresh_every=500, refresh_count=256)),
+          size=2048,              # rows of teacher samples held (real_source='teacher_samples')
+          steps=1024,             # ancestral steps per teacher sample
+          refresh_every=500,      # iterations between refreshes
+          refresh_count=256)),    # rows replaced per refresh (<= size)
       init='teacher',             # 'teacher' | 'checkpoint' (D2)
-      init_checkpoint='',         # for init='checkpoint'
-      teacher_sigma='zero',       # 'zero' | 'true' (D3)
+      init_checkpoint='',         # a DiDi checkpoint to resume student/EMA/discriminator from
+      teacher_sigma='zero',       # 'zero' | 'true': the σ the teacher sees in the KL (D3)
       kl=ml_collections.ConfigDict(dict(
-          type='jeffrey', beta=0.5, coef_hi=0.01, coef_lo=0.01, scale=1.0)),
-      entropy_coef=5e-4,
-      tau=ml_collections.ConfigDict(dict(a=1.0, b=1.0, min=0.02, max=0.98,
-                                         per='row')),   # 'row' | 'group': one τ per group
-      importance_weight=False,
-      omega=ml_collections.ConfigDict(dict(min=0.1, max=10.0, mode='inv_t')),
-      disc_warmup_steps=0,
+          type='jeffrey',         # 'jeffrey' | 'forward' | 'reverse' (docs/method.md D5)
+          beta=0.5,               # Jeffrey weight β in [0, 1]: (1−β)KL(T‖S) + βKL(S‖T) (0.5)
+          coef_hi=0.01,           # weight of the KL at the all-[MASK] step input, >= 0 (0.01)
+          coef_lo=0.01,           # weight of the KL at x_τ, >= 0 (0.01)
+          scale=1.0)),            # extra factor on both (0.05 = the other reading of D5)
+      entropy_coef=5e-4,          # entropy bonus of the student's SUBS distribution, >= 0 (5e-4)
+      tau=ml_collections.ConfigDict(dict(
+          a=1.0, b=1.0,           # τ ~ Beta(a, b) (D6: Beta(1, 1); the earlier config Beta(2, 2))
+          min=0.02, max=0.98,     # τ clamp, 0 < min < max < 1 (D6)
+          per='row')),            # 'row' | 'group': one τ per row, or one per group of G (ours)
+      importance_weight=False,    # divide ω by the Beta density π(t) (D6: off)
+      omega=ml_collections.ConfigDict(dict(
+          min=0.1, max=10.0,      # ω(t) = clip(1/t, min, max) (D6)
+          mode='inv_t')),         # 'inv_t' | 'constant' (ω = 1; the ablation's "no ω(t)")
+      disc_warmup_steps=0,        # iterations that train only the discriminator (D7: 0)
       optim=ml_collections.ConfigDict(dict(
           student=ml_collections.ConfigDict(dict(
-              lr=1e-6, warmup_steps=1000, clip_norm=0.5, b1=0.9, b2=0.999, eps=1e-8,
+              lr=1e-6,            # peak learning rate (D7: 1e-6)
+              warmup_steps=1000,  # linear warm-up, then linear decay to 0 (D7: 1000), >= 1
+              clip_norm=0.5,      # global gradient-norm clip (D7: 0.5)
+              b1=0.9, b2=0.999, eps=1e-8,   # AdamW (D7)
               weight_decay=0.0)),
           disc=ml_collections.ConfigDict(dict(
-              lr=1e-5, warmup_steps=1000, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8,
+              lr=1e-5,            # peak learning rate (D7: 1e-5)
+              warmup_steps=1000,  # linear warm-up, then linear decay to 0 (D7: 1000), >= 1
+              clip_norm=1.0,      # global gradient-norm clip (D7: 1.0)
+              b1=0.9, b2=0.999, eps=1e-8,   # AdamW (D7)
               weight_decay=0.0)),
       )),
-      ema_decay=0.999,
-      dropout=0.0,
-      rollout='shared',           # 'shared' | 'two_pass' (D9)
-      score_decomposition=True,   # D12
-      coupled_time=True,
+      ema_decay=0.999,            # student EMA, no warm-up; what the samplers use (0.999)
+      dropout=0.0,                # dropout in distillation forwards, [0, 1) (D9: 0)
+      rollout='shared',           # 'shared' | 'two_pass': one forward per step or a separate
+                                  # no-gradient forward for the draw (D9)
+      score_decomposition=True,   # two-step trajectory log-likelihood + KL at x_τ (D12); False:
+                                  # one-step generator (the ablation baseline)
+      coupled_time=True,          # corrupt at the sample's own τ; False: an independent time
       group_norm=True,            # grouped reward normalisation (False: raw rewards)
       adv_clip=3.0,               # clip of the grouped z-scores; binds only when G >= 11, since
                                   # |z| <= (G-1)/sqrt(G) with the unbiased std (1.5 at G = 4)
       adv_std_floor=1e-4,         # group spread floor relative to mean |r| (docs/method.md §7.2):
                                   # near-tied groups get ~0 advantages, not float32 noise / 1e-8
-      reward_clip=8.0,
-      label_smoothing=0.1,
-      disc_unfreeze_blocks=4,
-      t0=1e-3,                    # end time of the two-step training rollout
+      reward_clip=8.0,            # clip of the per-token log-odds reward (official: 8)
+      label_smoothing=0.1,        # BCE targets 1−s (real) and s (fake), s in [0, 0.5) (0.1)
+      disc_unfreeze_blocks=4,     # last blocks of the discriminator trunk that train (4)
+      t0=1e-3,                    # end time of the two-step training rollout (1e-3)
       loss_chunk_len=64,          # positions per fused-loss chunk (0 = whole sequence; the
                                   # largest divisor of L not above it is used)
-      log_every=10,
-      sample_every=500,           # small 8/16-NFE sample with judge-free statistics
-      sample_count=8,
+      log_every=10,               # iterations between metrics rows / progress lines
+      sample_every=500,           # small 8/16-NFE sample with judge-free statistics (0: never)
+      sample_count=8,             # sequences drawn by that periodic sample
   ))
 
   cfg.sampler = ml_collections.ConfigDict(dict(
-      kind='ancestral',           # 'ancestral' | 'rgas'
+      kind='ancestral',           # 'ancestral' | 'rgas' (reward-guided, needs a discriminator)
       network='student_ema',      # 'teacher' | 'student' | 'student_ema'
-      steps=16,                   # N = NFE (paper's count)
-      precision='float32',        # 'float32' | 'float64' (D11)
-      uniform='torch',            # 'torch' | 'jax'
-      bf16_probs=False,
-      student_sigma='zero',       # 'zero' | 'true' (D3)
-      student_output='subs',      # 'subs' | 'raw'
-      noise_removal='sample',     # 'sample' | 'greedy' | 'none'
-      cache=True,                 # DDPM-cache (exact in 'zero' sigma mode)
-      top_p=1.0,
-      temperature=1.0,
-      t_min=1e-5,
+      steps=16,                   # N = NFE (paper's count: student calls), >= 1
+      precision='float32',        # 'float32' (the paper's regime) | 'float64' (D11; needs
+                                  # JAX_ENABLE_X64=1, not on TPU)
+      uniform='torch',            # 'torch' (PyTorch CUDA's float32 uniforms) | 'jax' (§8.1)
+      bf16_probs=False,           # round probabilities to bf16 as the official sampler does
+      student_sigma='zero',       # 'zero' | 'true' (D3; 'true' + raw = the released RGAS)
+      student_output='subs',      # 'subs' | 'raw' logits
+      noise_removal='sample',     # final step at t_min: 'sample' | 'greedy' | 'none' (§8.4)
+      cache=True,                 # DDPM-cache: reuse the network output while nothing changed
+                                  # (exact in 'zero' sigma mode; off automatically otherwise)
+      top_p=1.0,                  # nucleus filtering, in (0, 1] (1 = off, as officially)
+      temperature=1.0,            # softmax temperature, > 0
+      t_min=1e-5,                 # last time of the grid 1 -> t_min (official 1e-5)
       sparse_reveal=False,        # reveal first, project only the revealed rows (ancestral, subs)
       sparse_capacity=1.3,        # rows per step = factor * B * L / N (dense fallback beyond)
       rgas=ml_collections.ConfigDict(dict(
-          num_candidates=4, h_start=30.0, h_end=40.0, rerank_ratio=0.5, tilt_clip=1.0,
-          rerank_temperature=1.0, rerank_reward='sum_all')),
+          num_candidates=4,       # M candidates per re-ranking step (§8.3: 4)
+          h_start=30.0,           # tilt strength at the first tilting step (§8.3: 30)
+          h_end=40.0,             # tilt strength at the last tilting step (§8.3: 40)
+          rerank_ratio=0.5,       # fraction of steps that re-rank (the rest tilt), in [0, 1]
+          tilt_clip=1.0,          # elementwise clip of the tilt gradient (§8.3: 1)
+          rerank_temperature=1.0,  # candidates drawn from softmax(ρ / T)
+          rerank_reward='sum_all')),  # 'sum_all' | 'sum_masked' | 'mean_masked'
   ))
 
   cfg.sample = ml_collections.ConfigDict(dict(
       checkpoint='',              # '' -> this workdir's latest checkpoint
-      num_samples=64,
-      batch_size=16,              # global batch per sampler call
-      seed=0,
+      num_samples=64,             # sequences to draw, >= 1
+      batch_size=16,              # global batch per sampler call, >= 1
+      seed=0,                     # sampling seed (the same seed gives the same samples)
       name='',                    # output file stem ('' -> derived from the sampler settings)
   ))
 
   cfg.eval = ml_collections.ConfigDict(dict(
-      judge='gpt2-large',         # 'gpt2-large' | 'gpt2' | 'smollm2' | a local dir / .gguf path
-      judge_context=1024,         # judge tokens per sample (truncation)
-      judge_batch_size=8,
-      num_samples=256,
-      seed=0,
+      judge='gpt2-large',         # 'gpt2-large' (the paper's) | 'gpt2' | 'smollm2' | a local
+                                  # dir / .gguf path
+      judge_context=1024,         # judge tokens per sample (truncation; official 1024)
+      judge_batch_size=8,         # sequences per judge call
+      num_samples=256,            # samples per evaluated setting (D11: 256)
+      seed=0,                     # sampling seed of evaluate / sweep rows
       samples_file='',            # evaluate an existing samples .jsonl
-      bootstrap=1000,
-      nelbo_batches=16,
+      bootstrap=1000,             # bootstrap resamples of the 95% intervals (0: none)
+      nelbo_batches=16,           # validation batches of the NELBO check (0: skip)
   ))
 
   cfg.sweep = ml_collections.ConfigDict(dict(
       models='teacher,student',   # comma list of teacher | student | ar
       samplers='ancestral,rgas',  # comma list of ancestral | cached | rgas
-      nfes='8,16,32,64,128',
-      teacher_nfes='8,16,32,64,128,1024',
-      precisions='float32',
-      ar_checkpoint='',
+      nfes='8,16,32,64,128',      # student NFEs (the paper's grid)
+      teacher_nfes='8,16,32,64,128,1024',   # teacher NFEs (1024 = the paper's teacher)
+      precisions='float32',       # comma list of float32 | float64
+      ar_checkpoint='',           # the AR baseline's workdir/checkpoint for the 'ar' model
   ))
 
   cfg.logging = ml_collections.ConfigDict(dict(
-      tensorboard=False,
-      wandb=False,
+      tensorboard=False,          # also write TensorBoard events (needs tensorboardX)
   ))
   return cfg
 

@@ -282,3 +282,30 @@ def test_bad_configs_give_one_line_errors():
     config_lib.validate(cfg)
   with pytest.raises(AttributeError):
     cfg.model.nope = 1 if cfg.is_locked else cfg.lock().model.__setattr__('nope', 1)
+
+
+def test_every_config_field_is_documented():
+  """Every field of base_config() / model_config() is set on a line that carries a comment
+  (what it does, its unit or range, the paper's value where one exists)."""
+  import inspect
+  import re
+  src = inspect.getsource(config_lib)
+  cfg = config_lib.base_config()
+
+  def leaves(d, prefix=''):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        yield from leaves(v, prefix + k + '.')
+      else:
+        yield prefix + k
+  missing = []
+  for key in leaves(cfg.to_dict()):
+    name = key.split('.')[-1]
+    if key in ('model', 'seed', 'job'):
+      continue
+    lines = [ln for ln in src.splitlines()
+             if re.search(rf'(^|[\s(,]){re.escape(name)}=', ln) and 'ConfigDict' not in ln]
+    if not any('#' in ln for ln in lines):
+      missing.append(key)
+  assert not missing, f'config fields without a comment: {missing}'
+  assert 'wandb' not in cfg.logging        # no field that nothing reads
