@@ -3,6 +3,8 @@
 Python API:
   load_denoiser(SOURCE, dtype=jnp.float32) -> (ids_BxL | logits_BxLxV, sigma_B) -> logits_BxLxV
   load_discriminator(SOURCE, dtype=jnp.float32) -> (ids_BxL | logits_BxLxV, sigma_B) -> logits_BxL
+  generate(MODEL, prompts=..., length=..., nfe=..., sampler=..., seed=...) -> texts and ids
+      (didi_jax.generation; command line: python -m didi_jax.generate --help)
 """
 __version__ = '0.1.0'
 
@@ -11,4 +13,7 @@ def __getattr__(name):
   if name in ('load_denoiser', 'load_discriminator'):
     from didi_jax import api  # pylint: disable=import-outside-toplevel
     return getattr(api, name)
+  if name == 'generate':
+    from didi_jax.generation import generate  # pylint: disable=import-outside-toplevel
+    return generate
   raise AttributeError(f'module didi_jax has no attribute {name!r}')
