@@ -37,13 +37,19 @@ import tempfile
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from flax import nnx
 import jax
 import numpy as np
-from flax import nnx
 
 from didi_jax import config as config_lib
+from didi_jax import distill
+from didi_jax import networks
 from didi_jax import parallel
+from didi_jax.models import discriminator as disc_lib
 from didi_jax.sampling import cost as cost_lib
+from didi_jax.sampling import runner
+from didi_jax.train import distill_state as ds
+from didi_jax.train import pretrain
 
 WORKLOADS = ('train', 'distill', 'sample', 'rgas')
 SIZES = ('tiny', 'demo', 'small', 'medium', 'large')
@@ -277,7 +283,6 @@ def _tokens(key, batch: int, length: int, vocab: int) -> np.ndarray:
 
 
 def run_train(cfg, batch: int, warmup: int, iters: int) -> dict:
-  from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
   with cfg.unlocked():
     cfg.pretrain.batch_size = batch
   with tempfile.TemporaryDirectory() as workdir:
@@ -293,13 +298,10 @@ def run_train(cfg, batch: int, warmup: int, iters: int) -> dict:
 
 
 def _random_teacher_params(model_cfg, seed: int = 0):
-  from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
   return jax.jit(lambda: nnx.state(pretrain.build_model(model_cfg, seed), nnx.Param))()
 
 
 def run_distill(cfg, batch: int, group: int, warmup: int, iters: int) -> dict:
-  from didi_jax import distill  # pylint: disable=import-outside-toplevel
-  from didi_jax.train import distill_state as ds  # pylint: disable=import-outside-toplevel
   unfreeze = min(int(cfg.distill.disc_unfreeze_blocks), int(cfg.model.n_blocks))
   with cfg.unlocked():
     cfg.distill.batch_size, cfg.distill.group_size = batch, group
@@ -324,9 +326,6 @@ def run_distill(cfg, batch: int, group: int, warmup: int, iters: int) -> dict:
 
 
 def _networks(cfg, with_disc: bool):
-  from didi_jax import networks  # pylint: disable=import-outside-toplevel
-  from didi_jax.models import discriminator as disc_lib  # pylint: disable=import-outside-toplevel
-  from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
   model_cfg = cfg.model
   gd = nnx.split(pretrain.abstract_model(model_cfg), nnx.Param)[0]
   den = networks.Network('student_ema', model_cfg, gd, _random_teacher_params(model_cfg))
@@ -346,7 +345,6 @@ def _networks(cfg, with_disc: bool):
 
 def run_sampler(cfg, kind: str, batch: int, steps: int, sparse: bool, warmup: int,
                 iters: int) -> dict:
-  from didi_jax.sampling import runner  # pylint: disable=import-outside-toplevel
   with cfg.unlocked():
     s = cfg.sampler
     s.kind, s.steps, s.sparse_reveal = kind, int(steps), bool(sparse)

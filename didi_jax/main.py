@@ -23,12 +23,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
 
-from didi_jax import errors
+from didi_jax import artifacts, errors, jobs, parallel
+from didi_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (configs/NAME.py[:PRESET]); override fields with '
@@ -40,22 +43,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def run_job(cfg, workdir: str) -> dict:
   """Validates the config and the workdir, then dispatches on cfg.job; returns the summary."""
-  from didi_jax import artifacts  # pylint: disable=import-outside-toplevel
-  from didi_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   config_lib.validate(cfg)
   artifacts.ensure_workdir(workdir)
-  job = cfg.job
-  if job == 'pretrain':
-    from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
-    return pretrain.run(cfg, workdir)
-  from didi_jax import jobs  # pylint: disable=import-outside-toplevel
-  return jobs.JOBS[job](cfg, workdir)
+  return jobs.JOBS[cfg.job](cfg, workdir)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}: use --config.a.b=value overrides')
-  from didi_jax import parallel  # pylint: disable=import-outside-toplevel
   logging.getLogger().setLevel(logging.WARNING)
   parallel.maybe_initialize_distributed()
   cfg = _CONFIG.value
@@ -69,7 +64,6 @@ def main(argv):
     print(f'error: {_one_line(e)}', file=sys.stderr)
     sys.exit(2)
   if summary is not None:
-    import jax  # pylint: disable=import-outside-toplevel
     if jax.process_index() == 0:
       print('summary: ' + json.dumps(summary, default=str), flush=True)
 
@@ -105,7 +99,6 @@ def _one_line(e: Exception) -> str:
 
 def _condense(e: Exception) -> str:
   """The innermost 'SomeError: message' of a (possibly nested) error text, on one line."""
-  import re  # pylint: disable=import-outside-toplevel
   text = str(e)
   found = re.findall(r'(?:\w+Error|Errno \d+\]): (.+)', text)
   if found:

@@ -15,12 +15,16 @@ import dataclasses
 import os
 from typing import Optional
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import nnx
 
+from didi_jax.checkpoint import importer
 from didi_jax.checkpoint.manager import Manager
+from didi_jax.models.discriminator import Discriminator, Spectral
+from didi_jax.train import distill_state as ds
+from didi_jax.train import pretrain
 
 
 @dataclasses.dataclass
@@ -78,8 +82,6 @@ def _model_cfg(model_dict) -> ml_collections.ConfigDict:
 
 def build_abstract(model_cfg, discriminator: bool = False):
   """(graphdef, abstract params, abstract spectral or None) of a DiT / GPT-2 / discriminator."""
-  from didi_jax.models.discriminator import Discriminator, Spectral  # pylint: disable=import-outside-toplevel
-  from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
   if discriminator:
     abstract = nnx.eval_shape(lambda: Discriminator(model_cfg, rngs=nnx.Rngs(0)))
     gd, params, spectral = nnx.split(abstract, nnx.Param, Spectral)
@@ -96,7 +98,6 @@ def load(source: str, role: str, model_cfg=None, *, weights: str = 'ema') -> Net
   ckpt = checkpoint_dir(source)
   if ckpt is not None:
     return _load_workdir(source, role, weights)
-  from didi_jax.checkpoint import importer  # pylint: disable=import-outside-toplevel
   src = importer.open_source(source)
   if model_cfg is None:
     model_cfg = importer.source_model_config(src)
@@ -127,7 +128,6 @@ def _load_workdir(source: str, role: str, weights: str) -> Network:
   if job == 'pretrain':
     if role not in ('teacher', 'ar'):
       raise ValueError(f'{source} is a pre-training run: it holds a teacher, not a {role}')
-    from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
     gd, _, _ = build_abstract(model_cfg)
     tx = pretrain.make_optimizer(cfg.pretrain)
     state, _, _ = mngr.restore(pretrain.abstract_state(cfg, tx))
@@ -135,7 +135,6 @@ def _load_workdir(source: str, role: str, weights: str) -> Network:
     mngr.close()
     return Network(role, model_cfg, gd, params, None, source)
   if job == 'distill':
-    from didi_jax.train import distill_state as ds  # pylint: disable=import-outside-toplevel
     abstract = abstract_distill_state(cfg)
     state, _, _ = mngr.restore(abstract)
     mngr.close()
@@ -149,7 +148,6 @@ def _load_workdir(source: str, role: str, weights: str) -> Network:
       return Network(role, model_cfg, gd, params, None, source)
     if role == 'discriminator':
       merged = nnx.merge(disc_gd, state.disc_train, state.disc_frozen, state.spectral)
-      from didi_jax.models.discriminator import Spectral  # pylint: disable=import-outside-toplevel
       gd, params, spectral = nnx.split(merged, nnx.Param, Spectral)
       return Network(role, model_cfg, gd, params, spectral, source)
     raise ValueError(f'{source} is a distillation run: it holds no {role} network')
@@ -157,7 +155,6 @@ def _load_workdir(source: str, role: str, weights: str) -> Network:
 
 
 def abstract_distill_state(cfg):
-  from didi_jax.train import distill_state as ds  # pylint: disable=import-outside-toplevel
   model_cfg = _model_cfg(cfg.model.to_dict())
   _, abstract_params, _ = build_abstract(model_cfg)
   return jax.eval_shape(lambda p: ds.init_distill_state(cfg, p, jax.random.PRNGKey(0)),

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import jax
+from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -97,7 +98,6 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   if slices > 1:
     return Mesh(_multislice_device_mesh(shape, devices, slices), AXES)
   try:
-    from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
     arr = mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception:  # pylint: disable=broad-except
     arr = np.asarray(devices).reshape(shape)
@@ -117,7 +117,6 @@ def _multislice_device_mesh(shape, devices, slices: int) -> np.ndarray:
   if shape[0] % slices:
     raise ValueError(f'mesh {dict(zip(AXES, shape))} on {slices} TPU slices: mesh.data must be a '
                      f'multiple of the slice count {slices} (fsdp and tensor stay inside a slice)')
-  from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
   return mesh_utils.create_hybrid_device_mesh(
       (shape[0] // slices, shape[1], shape[2]), (slices, 1, 1), devices=devices)
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from didi_jax import jobs, networks
+from didi_jax import networks, samples
 from didi_jax import main as main_lib
 from didi_jax.checkpoint.manager import Manager
 from didi_jax.data import pipeline
@@ -113,7 +113,7 @@ def test_evaluate_scores_a_samples_file(teacher_dir, shared_judge):
   assert rec['nfe'] == 4 and rec['student_forwards'] <= 5 and rec['disc_forwards'] == 0
   assert rec['tflops_per_sample'] > 0
   # Gen PPL is the token-weighted corpus value of the judge's scores (8 samples = one group).
-  ids, texts, _ = jobs.read_samples(cfg.eval.samples_file)
+  ids, texts, _ = samples.read_samples(cfg.eval.samples_file)
   nll, count = shared_judge('smollm2', JUDGE_CONTEXT).score_texts(texts, 8)
   assert rec['gen_ppl'] == pytest.approx(np.exp(nll.sum() / count.sum()), rel=1e-9)
   assert rec['gen_ppl_ci'][0] <= rec['gen_ppl'] <= rec['gen_ppl_ci'][1]
@@ -125,7 +125,7 @@ def test_evaluate_scores_a_samples_file(teacher_dir, shared_judge):
   # ... and the judge's Gen PPL of those same validation blocks, decoded to text.
   blocks = pipeline.eval_batches(cfg.data, 64, 8, 1)[0]
   d_nll, d_count = shared_judge('smollm2', JUDGE_CONTEXT).score_texts(
-      jobs.decode_all(cfg, blocks), 8)
+      samples.decode_all(cfg, blocks), 8)
   ref = rec['data_entropy']
   assert ref['gen_ppl'] == pytest.approx(np.exp(d_nll.sum() / d_count.sum()), rel=1e-9)
   assert ref['gen_ppl_ci'][0] <= ref['gen_ppl'] <= ref['gen_ppl_ci'][1]

@@ -27,9 +27,11 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from flax import nnx
 import numpy as np
 
 from didi_jax import config as config_lib
+from didi_jax import networks
 from didi_jax.checkpoint import exporter
 from didi_jax.checkpoint import importer
 from didi_jax.checkpoint import names
@@ -165,8 +167,6 @@ def parser() -> argparse.ArgumentParser:
 
 def read_run_groups(path: str, role: str, weights: str):
   """(role, model config, groups) from a didi_jax run directory, or None if `path` is not one."""
-  from didi_jax import networks  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   if networks.checkpoint_dir(path) is None:
     return None
   cfg, mngr = networks.read_workdir_config(path)

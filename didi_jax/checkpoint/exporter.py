@@ -24,20 +24,20 @@ import json
 import os
 from typing import Any, Mapping, Optional
 
+from flax import nnx
 import numpy as np
 
 from didi_jax.checkpoint import importer
 from didi_jax.checkpoint import names
 from didi_jax.checkpoint import torch_ckpt
+from didi_jax.models.discriminator import Spectral
 
 LIGHTNING_VERSION = '2.5.3'   # what the official converter writes
 
 
 def as_pure(tree) -> tuple[dict, dict]:
   """(params, spectral) numpy pure dicts from a pure dict, an nnx State or an nnx model."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   if isinstance(tree, nnx.Module):
-    from didi_jax.models.discriminator import Spectral  # pylint: disable=import-outside-toplevel
     params = nnx.to_pure_dict(nnx.state(tree, nnx.Param))
     spectral = nnx.to_pure_dict(nnx.state(tree, Spectral))
   elif isinstance(tree, nnx.State):

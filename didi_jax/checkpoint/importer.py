@@ -29,12 +29,16 @@ import logging
 import os
 from typing import Any, Mapping, Optional
 
+from flax import nnx
+import jax.numpy as jnp
 import numpy as np
 
 from didi_jax import config as config_lib
 from didi_jax import errors
 from didi_jax.checkpoint import names
 from didi_jax.checkpoint import torch_ckpt
+from didi_jax.models.discriminator import Discriminator
+from didi_jax.models.dit import DiT
 
 log = logging.getLogger(__name__)
 
@@ -706,10 +710,6 @@ def source_model_config(source, role: str = names.DIT, *, length: int = 1024):
 
 def load_params(source, model_cfg=None, role: str = 'teacher', *, weights: str = 'ema'):
   """An nnx model with imported weights. role: teacher | student | student_ema | discriminator."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from didi_jax.models.dit import DiT  # pylint: disable=import-outside-toplevel
-  from didi_jax.models.discriminator import Discriminator  # pylint: disable=import-outside-toplevel
 
   src = open_source(source) if not isinstance(source, Source) else source
   cfg = as_model_config(model_cfg)

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Sequence
 
+import tiktoken
+
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOS = 50256
 
@@ -43,7 +45,6 @@ class GPT2Tokenizer:
   name = 'gpt2'
 
   def __init__(self, files_dir: str | None = None):
-    import tiktoken  # pylint: disable=import-outside-toplevel
     files_dir = files_dir or gpt2_files_dir()
     with open(os.path.join(files_dir, 'encoder.json'), encoding='utf-8') as f:
       encoder = json.load(f)

@@ -18,8 +18,10 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from didi_jax import artifacts, jobs, parallel
+from didi_jax import artifacts, parallel, samples
+from didi_jax.data import pipeline
 from didi_jax.evaluation import judges, metrics
+from didi_jax.train import pretrain
 
 COST_KEYS = ('nfe', 'student_forwards', 'disc_forwards', 'disc_backwards', 'network_evaluations',
              'flops', 'tflops_per_sample')
@@ -67,7 +69,6 @@ def data_reference(cfg, length: int, num_blocks: int, n_bootstrap: int, seed: in
   """The data reference: unigram entropy of `num_blocks` validation blocks of `length` tokens
   and, when a `judge` is given, its Gen PPL of the same blocks decoded to text (what a perfect
   generator would score under this judge and context)."""
-  from didi_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   blocks = pipeline.eval_batches(cfg.data, int(length), int(num_blocks), 1)[0]
   ent_S = metrics.unigram_entropy(blocks)
   out = {'entropy': float(np.mean(ent_S)),
@@ -76,7 +77,7 @@ def data_reference(cfg, length: int, num_blocks: int, n_bootstrap: int, seed: in
          'num_blocks': int(blocks.shape[0]), 'length': int(length),
          'source': cfg.data.source, 'tokenizer': cfg.data.tokenizer}
   if judge is not None:
-    q = sample_quality(judge, blocks, jobs.decode_all(cfg, blocks),
+    q = sample_quality(judge, blocks, samples.decode_all(cfg, blocks),
                        group_size=int(group_size) or int(blocks.shape[0]),
                        judge_batch_size=int(judge_batch_size) or int(blocks.shape[0]),
                        n_bootstrap=n_bootstrap, seed=seed)
@@ -91,8 +92,6 @@ def validation_nelbo(cfg, network, *, num_batches: int, batch_size: int, seed: i
   Each batch gives one per-token NELBO; `nelbo_se` is their standard error across batches and
   `ppl_ci` is exp(nelbo ± 1.96·se).
   """
-  from didi_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
   if network.model_cfg.get('kind', 'dit') != 'dit':
     raise ValueError(f'validation NELBO needs a DiT network, not {network.model_cfg.kind!r}')
   ncfg = copy.deepcopy(cfg)
@@ -148,7 +147,7 @@ def run(cfg, workdir: str) -> dict:
   t_start = time.time()
   if e.samples_file:
     path = os.path.expanduser(e.samples_file)
-    ids, texts, settings = jobs.read_samples(path)
+    ids, texts, settings = samples.read_samples(path)
     name = os.path.splitext(os.path.basename(path))[0]
     cost, stats = settings.pop('cost', None), settings.pop('stats', None)
     seconds = settings.get('seconds')
@@ -157,19 +156,19 @@ def run(cfg, workdir: str) -> dict:
     samples_path = path
   else:
     network = cfg.sampler.network
-    nets = jobs.load_sampling_networks(cfg, workdir, network, cfg.sampler.kind,
+    nets = samples.load_sampling_networks(cfg, workdir, network, cfg.sampler.kind,
                                        cfg.sample.checkpoint)
     den = nets[0]
     # float64 sampling needs 64-bit JAX: scoped to the draw, so the judge is unaffected.
     x64 = jax.enable_x64(True) if cfg.sampler.precision == 'float64' else contextlib.nullcontext()
     with x64:
-      res = jobs.draw_samples(cfg, workdir, network=network, num_samples=int(e.num_samples),
+      res = samples.draw_samples(cfg, workdir, network=network, num_samples=int(e.num_samples),
                               batch_size=int(cfg.sample.batch_size), seed=int(e.seed),
                               explicit=cfg.sample.checkpoint, nets=nets)
       settings = dict(res.settings, x64=bool(jax.config.jax_enable_x64))
-    name = cfg.sample.name or jobs.sample_name(cfg.sampler, network, int(e.seed))
-    samples_path = jobs.write_samples(cfg, workdir, res, name)
-    ids, texts = res.ids, jobs.decode_all(cfg, res.ids)
+    name = cfg.sample.name or samples.sample_name(cfg.sampler, network, int(e.seed))
+    samples_path = samples.write_samples(cfg, workdir, res, name)
+    ids, texts = res.ids, samples.decode_all(cfg, res.ids)
     cost, stats = res.cost, res.stats
     seconds, compile_seconds, seed = res.seconds, res.compile_seconds, int(e.seed)
 
@@ -219,7 +218,7 @@ def _nelbo_for(cfg, workdir: str, den, settings: dict):
       return None, ('the samples file names no DiT network/source: NELBO not computed (evaluate '
                     'with fresh samples to get it)')
     try:
-      den, _ = jobs.load_sampling_networks(cfg, workdir, network, 'ancestral', source)
+      den, _ = samples.load_sampling_networks(cfg, workdir, network, 'ancestral', source)
     except (FileNotFoundError, ValueError) as err:
       print(f'eval: NELBO skipped, {network} from {source} does not load: {err}', flush=True)
       return None, f'network did not load: {err}'

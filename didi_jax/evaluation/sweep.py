@@ -28,10 +28,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from didi_jax import artifacts, networks, parallel, samples
 from didi_jax import config as config_lib
-from didi_jax import artifacts, jobs, networks, parallel
 from didi_jax.data.tokenizers import get_tokenizer
 from didi_jax.evaluation import evaluate, judges, plots
+from didi_jax.models import causal_lm
 from didi_jax.sampling import categorical, cost as cost_lib, runner
 from didi_jax.train import common
 
@@ -117,7 +118,7 @@ class Models:
     model cannot be swept here."""
     cfg, workdir = self.cfg, self.workdir
     if name == 'teacher':
-      source = jobs.network_source(cfg, workdir, 'teacher')
+      source = samples.network_source(cfg, workdir, 'teacher')
       if _workdir_job(source) == 'distill':
         raise ValueError(f'the teacher source {source} is a distillation run (its networks are the '
                          'student): set --config.teacher.checkpoint to the teacher')
@@ -125,7 +126,7 @@ class Models:
     elif name == 'student':
       role = cfg.sampler.network if cfg.sampler.network in ('student', 'student_ema') \
           else 'student_ema'
-      source = jobs.network_source(cfg, workdir, role, cfg.sample.checkpoint)
+      source = samples.network_source(cfg, workdir, role, cfg.sample.checkpoint)
       if _workdir_job(source) == 'pretrain':
         raise ValueError(f'{source} is a pre-training run and holds no student: run the distill '
                          'job there, or set --config.sample.checkpoint to a distillation run')
@@ -158,7 +159,7 @@ class Models:
       if name == 'ar':
         entry.nets = self._load_ar(entry)
       else:
-        den, _ = jobs.load_sampling_networks(self.cfg, self.workdir, entry.role, 'ancestral',
+        den, _ = samples.load_sampling_networks(self.cfg, self.workdir, entry.role, 'ancestral',
                                              entry.source)
         entry.nets = (den, None)
         entry.length = int(den.model_cfg.length)
@@ -174,7 +175,6 @@ class Models:
     return entry.nets
 
   def _load_ar(self, entry: ModelEntry):
-    from didi_jax.models import causal_lm  # pylint: disable=import-outside-toplevel
     tok = get_tokenizer(self.cfg.data.tokenizer)
     if networks.checkpoint_dir(entry.source) is not None:
       net = networks.load(entry.source, 'ar', weights=self.cfg.teacher.weights)
@@ -279,7 +279,6 @@ def _ar_cost(model_cfg) -> dict:
 
 
 def _sample_ar(cfg, cell: Cell, nets, mesh) -> runner.SampleResult:
-  from didi_jax.models import causal_lm  # pylint: disable=import-outside-toplevel
   del mesh                       # the KV-cache sampler runs replicated
   model, model_cfg = nets
   sc = row_sampler_config(cfg, cell)
@@ -324,12 +323,12 @@ def run_cell(cfg, workdir: str, cell: Cell, models: Models, judge, mesh) -> tupl
       rcfg = copy.deepcopy(cfg)
       with rcfg.unlocked():
         rcfg.sampler = row_sampler_config(cfg, cell)
-      res = jobs.draw_samples(rcfg, workdir, network=entry.role,
+      res = samples.draw_samples(rcfg, workdir, network=entry.role,
                               num_samples=int(cfg.eval.num_samples),
                               batch_size=int(cfg.sample.batch_size), seed=int(cfg.eval.seed),
                               explicit=entry.source, nets=nets, mesh=mesh)
   ids = np.asarray(res.ids, np.int32)
-  texts = jobs.decode_all(cfg, ids)
+  texts = samples.decode_all(cfg, ids)
   e = cfg.eval
   quality = evaluate.sample_quality(judge, ids, texts, group_size=int(cfg.sample.batch_size),
                                     judge_batch_size=int(e.judge_batch_size),
@@ -473,7 +472,7 @@ def run(cfg, workdir: str) -> dict:
       raise
     row['settings'] = settings
     rows.append(row)
-    jobs.write_samples(cfg, workdir, res, _sweep_name(cell, int(cfg.eval.seed)))
+    samples.write_samples(cfg, workdir, res, _sweep_name(cell, int(cfg.eval.seed)))
     computed += 1
     dt = time.time() - t0
     elapsed += dt

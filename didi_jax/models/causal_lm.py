@@ -18,10 +18,13 @@ import math
 import os
 from typing import Optional, Sequence
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tiktoken
 from flax import nnx
+from safetensors.numpy import load_file
 
 from didi_jax.data.tokenizers import GPT2_PATTERN, bytes_to_unicode
 from didi_jax.models.dit import apply_rotary, dropout
@@ -458,7 +461,6 @@ def _hf_snapshot(repo: str, patterns: Sequence[str]) -> str:
 
 
 def _read_safetensors(path: str) -> dict:
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   single = os.path.join(path, 'model.safetensors')
   index = os.path.join(path, 'model.safetensors.index.json')
   if os.path.exists(single):
@@ -536,7 +538,6 @@ def permute_hf_qk(w_OxI: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _gguf_tensor(t) -> np.ndarray:
-  import gguf  # pylint: disable=import-outside-toplevel
   if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
     arr = np.asarray(t.data, np.float32)
   else:
@@ -582,7 +583,6 @@ def load_llama_gguf(path: str, dtype=jnp.float32):
   Quantised tensors are dequantised to float32; q/k rows are un-permuted back to the HF
   rotate-half layout (llama.cpp's converter interleaves them for its rotary kernel).
   """
-  import gguf  # pylint: disable=import-outside-toplevel
   if not os.path.isfile(path):
     raise FileNotFoundError(f'GGUF file {path!r} not found: fix the path')
   reader = gguf.GGUFReader(path)
@@ -633,7 +633,6 @@ class ByteLevelBPETokenizer:
 
   def __init__(self, tokens: Sequence[str], merges: Sequence[str], special_ids: Sequence[int],
                *, pre: str = 'gpt2', eos_id: int, bos_id: int, name: str = 'bpe'):
-    import tiktoken  # pylint: disable=import-outside-toplevel
     if pre not in PRETOKENIZERS:
       raise ValueError(f'pre-tokenizer {pre!r} is not implemented: supported '
                        f'{sorted(PRETOKENIZERS)}')

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 import optax
 
@@ -191,7 +192,6 @@ class StopFlag:
     if jax.process_count() > 1:
       if step % sync_every:
         return False
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       flag = bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
     return flag
 

@@ -10,14 +10,20 @@ from __future__ import annotations
 import copy
 import os
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from didi_jax import distill, networks, parallel
+from didi_jax.checkpoint import importer
 from didi_jax.checkpoint.manager import Manager
+from didi_jax.data import pipeline
+from didi_jax.evaluation import metrics
+from didi_jax.models.discriminator import Spectral
+from didi_jax.models.dit import DiT
+from didi_jax.sampling import runner as sampling_runner
 from didi_jax.train import common
 from didi_jax.train import distill_state as ds
 from didi_jax.train import pretrain
@@ -99,8 +105,6 @@ class DistillRunner:
   def state_from_didi_checkpoint(self, source: str):
     """D2 `init='checkpoint'`: student, EMA and discriminator (incl. head and u, v) from an
     imported DiDi checkpoint (official .ckpt, the HF release, or our export); fresh optimisers."""
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-    from didi_jax.checkpoint import importer  # pylint: disable=import-outside-toplevel
     imp = importer.import_didi(source, self.cfg.model)
     state = jax.device_get(self.fresh_state())
 
@@ -110,7 +114,6 @@ class DistillRunner:
       return tree
     disc = nnx.merge(self.disc_gd, state.disc_train, state.disc_frozen, state.spectral)
     nnx.update(disc, fill(nnx.state(disc, nnx.Param), imp['discriminator']))
-    from didi_jax.models.discriminator import Spectral  # pylint: disable=import-outside-toplevel
     nnx.update(disc, fill(nnx.state(disc, Spectral), imp['discriminator_spectral']))
     _, train, frozen, spectral = ds.split_discriminator(self.cfg, disc)
     state = state.replace(student=fill(state.student, imp['student']),
@@ -121,10 +124,6 @@ class DistillRunner:
 
 def periodic_samples(runner: DistillRunner, state, cfg, step: int) -> dict:
   """Judge-free statistics of a few student-EMA samples at 8 and 16 NFE."""
-  from didi_jax.evaluation import metrics  # pylint: disable=import-outside-toplevel
-  from didi_jax.sampling import runner as sampling_runner  # pylint: disable=import-outside-toplevel
-  from didi_jax.models.dit import DiT  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   gd = nnx.graphdef(nnx.eval_shape(lambda: DiT(cfg.model, rngs=nnx.Rngs(0))))
   net = networks.Network('student_ema', cfg.model, gd, state.ema)
   out = {}
@@ -144,7 +143,6 @@ def periodic_samples(runner: DistillRunner, state, cfg, step: int) -> dict:
 
 def fill_teacher_buffer(runner: DistillRunner, state, teacher, cfg, step: int, count: int):
   """Teacher ancestral samples (D1) written into `count` buffer slots."""
-  from didi_jax.sampling import runner as sampling_runner  # pylint: disable=import-outside-toplevel
   scfg = copy.deepcopy(cfg.sampler)
   with scfg.unlocked():
     scfg.kind, scfg.steps = 'ancestral', int(cfg.distill.teacher_buffer.steps)
@@ -159,8 +157,6 @@ def fill_teacher_buffer(runner: DistillRunner, state, teacher, cfg, step: int, c
 
 def run(cfg, workdir: str) -> dict:
   """The `distill` job."""
-  from didi_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from didi_jax.train.pretrain import checkpoint_meta  # pylint: disable=import-outside-toplevel
   d = cfg.distill
   os.makedirs(workdir, exist_ok=True)
   teacher = load_teacher(cfg)
@@ -192,7 +188,7 @@ def run(cfg, workdir: str) -> dict:
   writer = common.MetricWriter(workdir, cfg.logging.tensorboard, resume_step=start)
   progress = common.Progress(d.num_iterations, start, d.batch_size * d.group_size * L, 'distill')
   stop = common.StopFlag()
-  meta = checkpoint_meta(cfg, 'distill', {'teacher_source': cfg.teacher.checkpoint,
+  meta = pretrain.checkpoint_meta(cfg, 'distill', {'teacher_source': cfg.teacher.checkpoint,
                                           'teacher_weights': cfg.teacher.weights})
   dummy = np.zeros((d.batch_size, L), np.int32)
   step = start

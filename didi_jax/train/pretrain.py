@@ -11,23 +11,24 @@ import logging
 import os
 from typing import Callable
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from didi_jax import diffusion, parallel
 from didi_jax.checkpoint.manager import Manager
+from didi_jax.data import pipeline
+from didi_jax.models import causal_lm
+from didi_jax.models.dit import DiT
 from didi_jax.train import common
 
 
 def build_model(model_cfg, seed: int = 0):
   """The network named by model_cfg.kind, with fresh parameters."""
   if model_cfg.kind == 'dit':
-    from didi_jax.models.dit import DiT  # pylint: disable=import-outside-toplevel
     return DiT(model_cfg, rngs=nnx.Rngs(seed))
-  from didi_jax.models import causal_lm  # pylint: disable=import-outside-toplevel
   return causal_lm.GPT2(causal_lm.GPT2Config.from_model_config(model_cfg), rngs=nnx.Rngs(seed))
 
 
@@ -165,7 +166,6 @@ def evaluate_nelbo(trainer: Trainer, params, batches, seed: int = 0) -> dict:
 
 def run(cfg, workdir: str) -> dict:
   """The pre-training job: resumes from WORKDIR/checkpoints, stops cleanly on SIGTERM/SIGINT."""
-  from didi_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   pcfg = cfg.pretrain
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(cfg, workdir)
