@@ -23,7 +23,7 @@ from didi_jax.sampling import sample_from_config
 class SampleResult:
   ids: np.ndarray               # (S, L) int32
   stats: dict                   # summed over batches: student_forwards, cache_hits, ...
-  cost: dict                    # per sample (SPEC §9), from measured cache hits
+  cost: dict                    # per sample (docs/method.md §9), from measured cache hits
   seconds: float                # wall time of sampling (compile excluded)
   compile_seconds: float
   settings: dict                # everything that moves a number

@@ -1,4 +1,4 @@
-"""DiDi-Instruct training state, optimisers and initialisation (SPEC §5, §7.3, D1, D2).
+"""DiDi-Instruct training state, optimisers and initialisation (docs/method.md §5, §7.3, D1, D2).
 
 The state is one pytree (`DistillState`): iteration, student θ, student EMA, the discriminator split
 into its trainable part (last `disc_unfreeze_blocks` blocks + head), its frozen part (embedding,
@@ -29,7 +29,7 @@ PyTree = Any
 
 @struct.dataclass
 class DistillState:
-  """Everything a DiDi-Instruct iteration reads and writes (exact-resume unit, SPEC §12)."""
+  """Everything a DiDi-Instruct iteration reads and writes (exact-resume unit, docs/method.md §12)."""
   step: Array                    # int32 scalar: 0-based iteration k
   student: nnx.State             # θ (nnx.Param)
   ema: nnx.State                 # student EMA (what the samplers use)
@@ -45,7 +45,7 @@ class DistillState:
 
 
 def distill_model_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`cfg.model` with the distillation dropout rate (SPEC D9: 0.0 by default)."""
+  """`cfg.model` with the distillation dropout rate (docs/method.md D9: 0.0 by default)."""
   model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
   model_cfg.dropout = float(cfg.distill.dropout)
   return model_cfg
@@ -86,7 +86,7 @@ def make_graphdefs(cfg: ml_collections.ConfigDict):
 
 
 def lr_schedule(peak: float, warmup_steps: int, total_steps: int) -> Callable[[Array], Array]:
-  """SPEC §7.3: lr(k) = P·(k+1)/W for k < W, else P·max(0, (T−k)/(T−W))."""
+  """docs/method.md §7.3: lr(k) = P·(k+1)/W for k < W, else P·max(0, (T−k)/(T−W))."""
   if warmup_steps < 1 or total_steps <= warmup_steps:
     raise ValueError(f'LR schedule needs 1 <= warmup_steps ({warmup_steps}) < total steps '
                      f'({total_steps}): lower distill.optim.*.warmup_steps or raise '
@@ -98,7 +98,7 @@ def schedules(cfg: ml_collections.ConfigDict):
   """(student_schedule, disc_schedule) as functions of each optimiser's own update count.
 
   The student's count starts after `disc_warmup_steps` iterations, so its schedule spans the
-  remaining `num_iterations − disc_warmup_steps` iterations (SPEC §7.2).
+  remaining `num_iterations − disc_warmup_steps` iterations (docs/method.md §7.2).
   """
   d = cfg.distill
   total_student = d.num_iterations - d.disc_warmup_steps
@@ -130,12 +130,12 @@ def _copy(tree):
 
 def init_distill_state(cfg: ml_collections.ConfigDict, teacher_params: nnx.State,
                        key: Array) -> DistillState:
-  """SPEC D2: student, EMA and discriminator trunk copied from the teacher; fresh head from `key`.
+  """docs/method.md D2: student, EMA and discriminator trunk copied from the teacher; fresh head from `key`.
 
   Args:
     cfg: full config (uses `model`, `distill`).
     teacher_params: the teacher's `nnx.state(teacher, nnx.Param)` (DiT with cfg.model sizes).
-    key: PRNG key for the discriminator head (weights, biases, u, v; SPEC §5.3).
+    key: PRNG key for the discriminator head (weights, biases, u, v; docs/method.md §5.3).
   """
   model_cfg = distill_model_config(cfg)
   student_gd = make_graphdefs(cfg)[0]
@@ -185,7 +185,7 @@ def teacher_buffer_due(cfg: ml_collections.ConfigDict, step: int) -> Tuple[bool,
 def refresh_teacher_buffer(state: DistillState, samples_KxL: Array, key: Array) -> DistillState:
   """Writes K fresh teacher samples into K buffer slots drawn uniformly without replacement.
 
-  Hook for the training loop (SPEC D1): draw `samples_KxL` with the teacher's ancestral sampler
+  Hook for the training loop (docs/method.md D1): draw `samples_KxL` with the teacher's ancestral sampler
   (§8.2, default regime, `distill.teacher_buffer.steps` steps), then call this (jittable; donate
   the state). With K = buffer size every slot is replaced (the initial fill before iteration 0).
   `teacher_buffer_due(cfg, step)` says when and how many.

@@ -1,4 +1,4 @@
-"""Teacher pre-training: the MDLM NELBO (SPEC §4) — and the causal-LM baseline — as one jitted,
+"""Teacher pre-training: the MDLM NELBO (docs/method.md §4) — and the causal-LM baseline — as one jitted,
 sharded step, plus the loop (checkpoints, validation, metrics, preemption).
 
 The train state is a dict pytree {'step', 'params', 'ema', 'opt'}; `params`/`ema` are nnx.State
