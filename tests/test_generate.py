@@ -144,8 +144,14 @@ def fake_generator():
 FAV = 1
 
 
+def fav_score(q, sigma):
+  del sigma
+  return q[..., FAV]
+
+
 def fav_reward(weight):
-  return generation.TokenReward(lambda q, sigma: q[..., FAV], weight=weight)
+  """Toward token FAV (weight > 0) or away from it; one program for every weight."""
+  return generation.TokenReward(fav_score, weight=weight)
 
 
 def closed_form_tilt(weight, steps, h_start, h_end):
@@ -380,11 +386,13 @@ def test_word_reward_counts_words():
   gen = tiny_generator(one_device=True)
   share = {}
   letters = [chr(c) for c in range(ord('a'), ord('z') + 1)]
+  before = gen.compilations
   for w in (-4.0, 0.0, 4.0):
     res = gen.generate([''], length=14, nfe=3, seed=5, num_samples=32, sampler='rgas',
                        reward=rewards.words(BYTE, letters, w), rgas={'rerank_ratio': 1.0})
     share[w] = np.mean((np.stack(res.ids) >= 97) & (np.stack(res.ids) <= 122))
   assert share[-4.0] < share[0.0] - 0.03 and share[4.0] > share[0.0] + 0.03, share
+  assert gen.compilations == before + 1            # the weight is an argument of one program
 
 
 def test_compiled_once_per_bucket_and_deterministic():
@@ -435,6 +443,29 @@ def test_api_entry_points_and_errors(tmp_path):
     no_disc.generate('a', sampler='rgas', nfe=2)
 
 
+def test_loads_official_layouts_with_the_same_draws(tmp_path):
+  """A Lightning teacher .ckpt and the HF DiDi layout (student EMA + discriminator), written by
+  the project's exporter, load through the one loader and draw exactly what the module draws."""
+  from didi_jax.checkpoint import exporter
+  model, disc = tiny_modules()
+  cfg = tiny_cfg(length=32)
+  ckpt = exporter.export_teacher_ckpt(str(tmp_path / 'teacher.ckpt'), model, model_cfg=cfg)
+  hf_dir = exporter.export_hf_didi(str(tmp_path / 'didi'), student_ema=model, discriminator=disc,
+                                   model_cfg=cfg)
+  one = dict(jit_kwargs=FAST, devices=jax.devices()[:1])
+  ref = generation.load(model, tokenizer='byte', length=1024, **one)
+  run = dict(length=20, nfe=3, seed=1)
+  gen = generation.load(ckpt, **one)               # sizes, window and tokenizer inferred
+  assert gen.tokenizer.name == 'byte' and gen.window == 1024 and gen.network == 'auto'
+  np.testing.assert_array_equal(gen.generate('ab', **run).ids[0],
+                                ref.generate('ab', **run).ids[0])
+  didi = generation.load(hf_dir, **one)            # RGAS with the checkpoint's discriminator
+  res = didi.generate('ab', sampler='rgas', **run)
+  assert bytes(res.ids[0][:2].tolist()) == b'ab'
+  assert res.cost['disc_forwards'] == 1 + 4 * 2 and res.cost['disc_backwards'] == 1
+  assert res.cost['network_evaluations'] == res.cost['student_forwards'] + 9
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
@@ -453,7 +484,9 @@ def run_cli(capsys, *argv):
   return rc, out.out, out.err
 
 
-def test_cli_smoke_checkpoint(tmp_path, capsys):
+def test_cli_smoke_checkpoint(tmp_path, capsys, monkeypatch):
+  # The command line as is, with XLA's fast compile for these tiny programs.
+  monkeypatch.setattr(core, 'load', functools.partial(core.load, jit_kwargs=FAST))
   ckpt = smoke_checkpoint(tmp_path)
   out_file = tmp_path / 'out' / 'samples.jsonl'
   prompts_file = tmp_path / 'prompts.txt'
@@ -473,12 +506,28 @@ def test_cli_smoke_checkpoint(tmp_path, capsys):
     assert r['text'] in out
   assert recs[0]['text'].startswith('First') and recs[2]['text'].endswith('fin.')
   assert 'wrote' in err
-  rc, out, _ = run_cli(capsys, f'--checkpoint={ckpt}', '--prompt=ab', '--length=8', '--nfe=2',
-                       '--show-steps')
-  assert rc == 0
-  lines = out.splitlines()
-  assert lines[0].startswith('[window 0 step   0,    6 masked] ab______')
-  assert any('final,    0 masked] ab' in ln for ln in lines) and lines[-1].startswith('ab')
+  # RGAS from the command line: a word list (away from 'e'), and a classifier checkpoint with
+  # --show-steps (the first sample as it is unmasked).
+  from didi_jax.checkpoint import exporter
+  clf = exporter.export_discriminator_safetensors(str(tmp_path / 'clf.safetensors'),
+                                                  tiny_modules()[1], model_cfg=tiny_cfg(32))
+  rc, out, err = run_cli(capsys, f'--checkpoint={ckpt}', '--prompt=ab', '--length=10',
+                         '--nfe=2', '--sampler=rgas', f'--out={out_file}', '--reward_words=e',
+                         '--reward_weight=-2')
+  assert rc == 0, err
+  rec = json.loads(out_file.read_text(encoding='utf-8'))
+  assert rec['text'].startswith('ab') and rec['sampler'] == 'rgas'
+  assert rec['cost']['reward_evaluations'] == 1 + 4 * 1      # K_tilt soft + M candidates
+  assert rec['cost']['network_evaluations'] == rec['cost']['student_forwards']
+  rc, out, err = run_cli(capsys, f'--checkpoint={ckpt}', '--prompt=ab', '--length=8', '--nfe=2',
+                         '--sampler=rgas', f'--classifier={clf}', '--show-steps',
+                         f'--out={out_file}')
+  assert rc == 0, err
+  rec = json.loads(out_file.read_text(encoding='utf-8'))
+  assert rec['cost']['disc_forwards'] == 1 + 4 * 1
+  assert out.startswith('[window 0 step   0,    6 masked] ab______\n')
+  assert 'final,    0 masked] ' + cli._printable(rec['text']) + '\n' in out  # pylint: disable=protected-access
+  assert out.endswith('\n' + rec['text'] + '\n')
 
 
 @pytest.mark.parametrize('argv,fragment', [
@@ -500,15 +549,18 @@ def test_cli_bad_input_is_one_line(capsys, argv, fragment):
   assert 'Traceback' not in err
 
 
-def test_cli_help_and_demo_teacher():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  out = subprocess.run([sys.executable, '-m', 'didi_jax.generate', '--help'], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=120)
-  assert out.returncode == 0
+def test_cli_help_and_demo_teacher(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(['--help'])
+  out = capsys.readouterr().out
+  assert e.value.code == 0
   for word in ('--checkpoint', '--prompt', '--prompts_file', '--out', '--show-steps',
-               '[MASK]{n}', '[MASK]{*}', '--stride', '--sampler'):
-    assert word in out.stdout
+               '[MASK]{n}', '[MASK]{*}', '--stride', '--sampler', 'Exit status 2'):
+    assert word in out, word
+  # `python -m didi_jax.generate` on the shipped teacher (directory form), in a fresh process.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
+             XLA_FLAGS='--xla_force_host_platform_device_count=1 '
+                       '--xla_backend_optimization_level=0')
   out = subprocess.run([sys.executable, '-m', 'didi_jax.generate',
                         '--checkpoint=didi_jax/assets/demo_teacher/', '--prompt=ROMEO:',
                         '--length=24', '--nfe=2', '--seed=0'], cwd=ROOT, env=env,
@@ -516,3 +568,4 @@ def test_cli_help_and_demo_teacher():
   assert out.returncode == 0, out.stderr
   text = out.stdout.rstrip('\n')
   assert text.startswith('ROMEO:') and len(text.encode()) >= 20
+  assert '1 window(s) x 2 NFE' in out.stderr

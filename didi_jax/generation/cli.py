@@ -97,6 +97,9 @@ def _read_prompts(args) -> list:
         except json.JSONDecodeError:
           raise errors.UserError(f'{path}:{n} is not JSON: write one JSON string or '
                                  '{"prompt": ...} per line') from None
+        if isinstance(rec, dict) and 'prompt' not in rec:
+          raise errors.UserError(f'{path}:{n} has no "prompt" field: write one JSON string or '
+                                 '{"prompt": ...} per line')
         out.append(rec['prompt'] if isinstance(rec, dict) else rec)
       else:
         out.append(line)
@@ -152,6 +155,7 @@ def run(args) -> int:
   elif args.classifier:
     from didi_jax import networks  # pylint: disable=import-outside-toplevel
     net = networks.load(core.resolve_source(args.classifier), 'discriminator')
+    net = core.disc_with_compute_dtype(net, args.compute_dtype)
     reward = generation.ClassifierReward(net, weight=args.reward_weight)
 
   on_step = None

@@ -328,8 +328,9 @@ class Generator:
       disc = self.discriminator()
       dparams = (self._placed_params(mesh, disc.params, cache_as='disc'),
                  self._placed_params(mesh, disc.spectral, cache_as='disc_spectral'))
-    elif scfg.kind == 'rgas' and reward.params() is not None:
-      dparams = tuple(self._placed_params(mesh, t) for t in reward.params())
+    elif scfg.kind == 'rgas':
+      weight, *trees = reward.params()
+      dparams = (weight,) + tuple(self._placed_params(mesh, t) for t in trees)
     base = jax.random.PRNGKey(int(seed))
     done = 0
     costs = [None] * len(rows)
@@ -639,7 +640,7 @@ def _with_compute_dtype(net, compute_dtype: str):
   return dataclasses.replace(net, model_cfg=cfg, graphdef=graphdef)
 
 
-def _disc_with_compute_dtype(disc, compute_dtype: str):
+def disc_with_compute_dtype(disc, compute_dtype: str):
   if compute_dtype == 'auto':
     if jax.default_backend() != 'cpu':
       return disc
@@ -692,7 +693,7 @@ def load(model, *, network: str = 'auto', tokenizer=None, compute_dtype: str = '
       net = networks.load(source, role, weights=weights)
       label = role if network != 'auto' else 'auto'
     if discriminator is None:
-      disc_loader = lambda: _disc_with_compute_dtype(  # noqa: E731
+      disc_loader = lambda: disc_with_compute_dtype(  # noqa: E731
           networks.load(source, 'discriminator'), compute_dtype)
     net = _with_compute_dtype(net, compute_dtype)
     return _from_network(net, tokenizer, discriminator, disc_loader, source, label, jit_kwargs,
@@ -732,9 +733,9 @@ def _as_disc(discriminator):
     return networks.load(resolve_source(os.fspath(discriminator)), 'discriminator')
   if not isinstance(discriminator, networks.Network):
     reward = rewards_lib.ClassifierReward(discriminator)
-    params = reward.params()
+    trees = reward.trees()
     discriminator = networks.Network('discriminator', reward.model_cfg, reward.graphdef,
-                                     params[0], params[1] if len(params) > 1 else None)
+                                     trees[0], trees[1] if len(trees) > 1 else None)
   if discriminator.spectral is None:
     # A loaded module's (or DiscriminatorFn's) state holds its spectral u, v with the params.
     discriminator = dataclasses.replace(discriminator, spectral=nnx.State({}))

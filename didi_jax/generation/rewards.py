@@ -18,13 +18,15 @@ here turn a user's reward into one, leaving the discriminator path as it is:
 * `words(tokenizer, words, weight)`: steer toward (weight > 0) or away from (weight < 0) a word
   list: a TokenReward whose per-token score is the soft count of the words starting there.
 
-Every reward has a `weight` (multiplies its scores). Token and sequence rewards count only the
-positions of the output (`region`): not the BOS/EOS frame, not a bucket's discarded padding.
+Every reward has a `weight` (multiplies its scores; passed to the program as an argument, so a
+sweep over weights compiles once). Token and sequence rewards count only the positions of the
+output (`region`): not the BOS/EOS frame, not a bucket's discarded padding.
 A reward of exactly zero leaves the tilt untouched, so with `num_candidates=1` RGAS then draws
 exactly what plain ancestral sampling draws (the key layouts agree, `didi_jax.sampling.rgas`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -35,20 +37,22 @@ Array = jax.Array
 
 
 class Reward:
-  """Base class: `disc_fn(dparams, region)` builds the RGAS callable inside the jitted sampler."""
+  """Base class. `params()` are the arrays the jitted sampler receives as arguments (the weight
+  first, so that sweeping it does not recompile); `disc_fn(dparams, region, vocab)` builds the
+  RGAS callable inside the program; `key()` names the program (same key, same program)."""
   differentiable = True          # False: re-rank only (no tilt phase)
   network = False                # True: counts as network evaluations (a classifier)
-  weight = 1.0
 
-  def params(self):
-    """Arrays passed to the jitted sampler as arguments (not baked into the program)."""
-    return None
+  def __init__(self, weight: float = 1.0):
+    self.weight = float(weight)
+
+  def params(self) -> tuple:
+    return (np.float32(self.weight),)
 
   def disc_fn(self, dparams, region_BxL: Array, vocab_size: int):
     raise NotImplementedError
 
   def key(self):
-    """Identity for the compile cache: same key, same program."""
     return (type(self).__name__, id(self))
 
 
@@ -63,10 +67,15 @@ class TokenReward(Reward):
   """Per-token scores from soft tokens: fn(probs_BxLxV, sigma_B) -> (B, L), differentiable."""
 
   def __init__(self, fn: Callable, *, weight: float = 1.0, ids_fn: Optional[Callable] = None):
-    self.fn, self.ids_fn, self.weight = fn, ids_fn, float(weight)
+    super().__init__(weight)
+    self.fn, self.ids_fn = fn, ids_fn
+
+  def key(self):
+    return ('token', self.fn, self.ids_fn)
 
   def disc_fn(self, dparams, region_BxL, vocab_size):
     region = region_BxL.astype(jnp.float32)
+    weight = dparams[0]
 
     def disc(x, sigma_B, soft_input='logits'):
       if jnp.issubdtype(x.dtype, jnp.integer):
@@ -76,7 +85,7 @@ class TokenReward(Reward):
           s = self.fn(jax.nn.one_hot(x, vocab_size, dtype=jnp.float32), sigma_B)
       else:
         s = self.fn(_soft(x, soft_input), sigma_B)
-      return self.weight * jnp.asarray(s, jnp.float32).reshape(region.shape) * region
+      return weight * jnp.asarray(s, jnp.float32).reshape(region.shape) * region
     return disc
 
 
@@ -85,9 +94,15 @@ class SequenceReward(Reward):
   differentiable = False
 
   def __init__(self, fn: Callable, *, weight: float = 1.0, host: bool = False):
-    self.fn, self.weight, self.host = fn, float(weight), bool(host)
+    super().__init__(weight)
+    self.fn, self.host = fn, bool(host)
+
+  def key(self):
+    return ('sequence', self.fn, self.host)
 
   def disc_fn(self, dparams, region_BxL, vocab_size):
+    weight = dparams[0]
+
     def disc(x, sigma_B, soft_input='logits'):
       del sigma_B
       if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -101,7 +116,7 @@ class SequenceReward(Reward):
       else:
         r = jnp.asarray(self.fn(x, region_BxL), jnp.float32).reshape(-1)
       # RGAS sums the per-token scores of a candidate ('sum_all'): put the score in column 0.
-      return jnp.zeros(x.shape, jnp.float32).at[:, 0].set(self.weight * r)
+      return jnp.zeros(x.shape, jnp.float32).at[:, 0].set(weight * r)
     return disc
 
 
@@ -111,35 +126,39 @@ class ClassifierReward(Reward):
 
   def __init__(self, classifier, *, weight: float = 1.0):
     from flax import nnx  # pylint: disable=import-outside-toplevel
-    self.weight = float(weight)
+    super().__init__(weight)
     self.model_cfg = getattr(classifier, 'model_cfg', None)
     if hasattr(classifier, 'graphdef') and hasattr(classifier, 'spectral'):   # networks.Network
       self.graphdef = classifier.graphdef
-      self._params = (classifier.params, classifier.spectral)
+      self._trees = (classifier.params, classifier.spectral)
+      if classifier.spectral is None:
+        self._trees = (classifier.params,)
     elif hasattr(classifier, 'graphdef') and hasattr(classifier, 'state'):    # api.DiscriminatorFn
-      self.graphdef, self._params = classifier.graphdef, (classifier.state,)
+      self.graphdef, self._trees = classifier.graphdef, (classifier.state,)
     elif isinstance(classifier, nnx.Module):
       self.graphdef, state = nnx.split(classifier)
-      self._params = (state,)
+      self._trees = (state,)
     else:
       raise TypeError(f'{type(classifier).__name__} is not a loaded classifier: pass a '
                       'Discriminator, networks.load(..., "discriminator") or '
                       'didi_jax.load_discriminator(...)')
 
-  def params(self):
-    return self._params
+  def trees(self) -> tuple:
+    """The classifier's state: (params, spectral) or (whole state,)."""
+    return self._trees
+
+  def params(self) -> tuple:
+    return (np.float32(self.weight),) + self._trees
 
   def key(self):
-    return ('classifier', self.graphdef, self.weight)
+    return ('classifier', self.graphdef)
 
   def disc_fn(self, dparams, region_BxL, vocab_size):
     from flax import nnx  # pylint: disable=import-outside-toplevel
-    model = nnx.merge(self.graphdef, *dparams)
-    if self.weight == 1.0:
-      return model
+    weight, model = dparams[0], nnx.merge(self.graphdef, *dparams[1:])
 
     def disc(x, sigma_B, soft_input='logits'):
-      return self.weight * model(x, sigma_B, soft_input=soft_input)
+      return weight * model(x, sigma_B, soft_input=soft_input)
     return disc
 
 
@@ -191,11 +210,18 @@ def word_sequences(tokenizer, words: Sequence[str]) -> list[tuple[int, ...]]:
   return seqs
 
 
+@functools.lru_cache(maxsize=64)
+def _ngram_fns(sequences: tuple):
+  """(soft, hard) score functions of one word list, the same objects for the same list."""
+  return (lambda q, sigma: ngram_scores(q, sequences),
+          lambda x, sigma: ngram_counts(x, sequences))
+
+
 def words(tokenizer, word_list: Sequence[str], weight: float = 1.0) -> TokenReward:
-  """Steer toward (weight > 0) or away from (weight < 0) the words of `word_list`."""
-  seqs = word_sequences(tokenizer, word_list)
-  return TokenReward(lambda q, sigma: ngram_scores(q, seqs), weight=weight,
-                     ids_fn=lambda x, sigma: ngram_counts(x, seqs))
+  """Steer toward (weight > 0) or away from (weight < 0) the words of `word_list`; the same list
+  with another weight reuses the compiled program (the weight is an argument, not a constant)."""
+  soft, hard = _ngram_fns(tuple(word_sequences(tokenizer, word_list)))
+  return TokenReward(soft, weight=weight, ids_fn=hard)
 
 
 def as_reward(reward) -> Optional[Reward]:
