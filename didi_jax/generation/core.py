@@ -622,9 +622,9 @@ def tokenizer_for(name_or_obj, vocab_size: int):
   return tok
 
 
-def _with_compute_dtype(net, compute_dtype: str):
+def _with_compute_dtype(net, compute_dtype: str, discriminator: bool = False):
   """The network with its graph rebuilt for `compute_dtype` ('auto': float32 on CPU, where
-  bf16 matmuls are slow; the checkpoint's own elsewhere)."""
+  bf16 matmuls are slow; the checkpoint's own elsewhere). Parameters are unchanged."""
   if compute_dtype == 'auto':
     if jax.default_backend() != 'cpu':
       return net
@@ -633,26 +633,16 @@ def _with_compute_dtype(net, compute_dtype: str):
          f"compute_dtype={compute_dtype!r}: use 'auto', 'float32' or 'bfloat16'")
   if net.model_cfg.compute_dtype == compute_dtype:
     return net
-  from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
+  from didi_jax import networks  # pylint: disable=import-outside-toplevel
   cfg = copy.deepcopy(net.model_cfg)
   cfg.compute_dtype = compute_dtype
-  graphdef = nnx.split(pretrain.abstract_model(cfg), nnx.Param)[0]
+  graphdef = networks.build_abstract(cfg, discriminator=discriminator)[0]
   return dataclasses.replace(net, model_cfg=cfg, graphdef=graphdef)
 
 
 def disc_with_compute_dtype(disc, compute_dtype: str):
-  if compute_dtype == 'auto':
-    if jax.default_backend() != 'cpu':
-      return disc
-    compute_dtype = 'float32'
-  if disc.model_cfg.compute_dtype == compute_dtype:
-    return disc
-  from didi_jax.models.discriminator import Discriminator, Spectral  # pylint: disable=import-outside-toplevel
-  cfg = copy.deepcopy(disc.model_cfg)
-  cfg.compute_dtype = compute_dtype
-  graphdef = nnx.split(nnx.eval_shape(lambda: Discriminator(cfg, rngs=nnx.Rngs(0))), nnx.Param,
-                       Spectral)[0]
-  return dataclasses.replace(disc, model_cfg=cfg, graphdef=graphdef)
+  """`_with_compute_dtype` for a discriminator (networks.Network of role discriminator)."""
+  return _with_compute_dtype(disc, compute_dtype, discriminator=True)
 
 
 def load(model, *, network: str = 'auto', tokenizer=None, compute_dtype: str = 'auto',
