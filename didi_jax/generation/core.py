@@ -20,10 +20,13 @@ k·stride + (W − stride) is already generated (or fixed by the prompt) and con
 its prefix; the window fills the next `stride` positions. Earlier windows are never changed. The
 cost is counted per window (NFEs and network evaluations, `didi_jax.sampling.cost`).
 
-Randomness. Chunk c of group g (rows that share a bucket) uses key
-fold_in(fold_in(PRNGKey(seed), g), c) and window k of it fold_in(that, k). JAX's partitionable PRNG
-draws each row from its own index, so a row's output depends on (seed, its row index, its inputs,
-Lb, the settings), not on the other rows, the batch padding or the number of devices.
+Randomness. The rows of a call that share a bucket Lb are cut into chunks of B (rows with fewer
+windows sit out the later ones); chunk c uses key fold_in(fold_in(PRNGKey(seed), Lb), c) and its
+window k fold_in(that, k). JAX's partitionable PRNG draws each row from its own index, so a row's
+output depends on (seed, its index among the call's rows of its bucket, its prompt, the
+settings), not on the other rows, the batch padding or the number of devices; and a long output
+continues the shorter one of the same prompt and seed. The same seed hands row 0 of every call
+the same numbers (common random numbers).
 """
 from __future__ import annotations
 
@@ -319,9 +322,10 @@ class Generator:
       batch = int(batch_size)
     batch = -(-batch // div) * div
 
-    plans: dict = {}
-    for i, r in enumerate(rows):
-      plans.setdefault(self._plan(r['length'], frame, buckets, stride), []).append(i)
+    groups: dict = {}                 # bucket -> rows; a row's windows: plan[i]
+    plan = [self._plan(r['length'], frame, buckets, stride) for r in rows]
+    for i, (bucket, _, _) in enumerate(plan):
+      groups.setdefault(bucket, []).append(i)
     params = self._placed_params(mesh, self._params, cache_as='net')
     dparams = None
     if scfg.kind == 'rgas' and reward is None:
@@ -335,17 +339,20 @@ class Generator:
     done = 0
     costs = [None] * len(rows)
     outs = [None] * len(rows)
-    for g, ((bucket, n_windows, step), members) in enumerate(sorted(plans.items())):
+    for bucket, members in sorted(groups.items()):
       fn = self.program(scfg, reward, batch, bucket, with_steps=on_step is not None)
       for c in range(-(-len(members) // batch)):
         chunk = members[c * batch:(c + 1) * batch]
         seqs = [rows[i]['ids'].copy() for i in chunk]
         lengths = [rows[i]['length'] for i in chunk]
-        totals: dict = {}
-        key_c = jax.random.fold_in(jax.random.fold_in(base, g), c)
-        for k in range(n_windows):
+        windows = [plan[i][1] for i in chunk]
+        step = max(plan[i][2] for i in chunk)      # the one stride of this call (0: one window)
+        totals = [dict() for _ in chunk]
+        key_c = jax.random.fold_in(jax.random.fold_in(base, bucket), c)
+        for k in range(max(windows)):
           start = k * step
-          x_np, region_np = self._window(seqs, lengths, start, bucket, batch, frame)
+          active = [k < w for w in windows]        # rows with fewer windows are done
+          x_np, region_np = self._window(seqs, lengths, start, bucket, batch, frame, active)
           x_init = parallel.global_batch(mesh, x_np)
           region = parallel.global_batch(mesh, region_np)
           if on_step is not None:
@@ -359,12 +366,15 @@ class Generator:
               self._step_sink(ids, final=True)
           finally:
             self._step_sink = None
-          self._write_back(seqs, lengths, ids, x_np, start, frame, scfg)
-          _accumulate(totals, self._window_cost(scfg, reward, stats, bucket, batch))
+          self._write_back(seqs, lengths, ids, x_np, start, frame, scfg, active)
+          window_cost = self._window_cost(scfg, reward, stats, bucket, batch)
+          for j in range(len(chunk)):
+            if active[j]:
+              _accumulate(totals[j], window_cost)
         for j, i in enumerate(chunk):
           outs[i] = seqs[j]
-          costs[i] = dict(totals, windows=n_windows, bucket=bucket,
-                          stride=(step if n_windows > 1 else None))
+          costs[i] = dict(totals[j], windows=windows[j], bucket=bucket,
+                          stride=(step if windows[j] > 1 else None))
         done += len(chunk)
         if progress is not None:
           progress(done, len(rows), time.time() - t_start)
@@ -444,13 +454,17 @@ class Generator:
            f'{w} content positions; --stride)')
     return (bucket, 1 + -(-(n - w) // step), step)
 
-  def _window(self, seqs, lengths, start, bucket, batch, frame):
+  def _window(self, seqs, lengths, start, bucket, batch, frame, active):
+    """x_init and the output region of window [start, start + content) for every row; rows
+    that are done (not active) and padding rows are all [MASK] (inside the frame), no region."""
     x = np.full((batch, bucket), self.mask_id, np.int32)
     region = np.zeros((batch, bucket), np.bool_)
     if frame:
       x[:, 0], x[:, -1] = self.tokenizer.bos_id, self.tokenizer.eos_id
     cap = bucket - 2 * frame
     for r, (seq, n) in enumerate(zip(seqs, lengths)):
+      if not active[r]:
+        continue
       hi = min(start + cap, n)
       if hi > start:
         part = seq[start:hi]
@@ -458,7 +472,7 @@ class Generator:
         region[r, frame:frame + hi - start] = True
     return x, region
 
-  def _write_back(self, seqs, lengths, ids, x_np, start, frame, scfg) -> None:
+  def _write_back(self, seqs, lengths, ids, x_np, start, frame, scfg, active) -> None:
     """Takes the sampler's output as it is, and checks that it kept every revealed token of
     x_init (prompt, frame, earlier windows) and left no [MASK] (a bug otherwise)."""
     revealed = x_np != self.mask_id
@@ -469,7 +483,7 @@ class Generator:
     cap = x_np.shape[1] - 2 * frame
     for r, (seq, n) in enumerate(zip(seqs, lengths)):
       hi = min(start + cap, n)
-      if hi > start:
+      if active[r] and hi > start:
         seq[start:hi] = ids[r, frame:frame + hi - start]
         if scfg.noise_removal != 'none' and np.any(seq[start:hi] == self.mask_id):
           raise RuntimeError('[MASK] tokens survived noise removal: this is a bug, please '
