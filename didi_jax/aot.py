@@ -424,7 +424,7 @@ LOOP_NOTES = {
 
 
 def model_flops_per_step(cfg, job: str, batch: int) -> float:
-  """Model FLOPs of one step, whole mesh (the formulas of `didi_jax.bench`, SPEC §9 costs)."""
+  """Model FLOPs of one step, whole mesh (the formulas of `didi_jax.bench`, docs/method.md §9 costs)."""
   from didi_jax import bench  # pylint: disable=import-outside-toplevel
   from didi_jax.sampling import cost as cost_lib  # pylint: disable=import-outside-toplevel
   m = cfg.model

@@ -204,8 +204,6 @@ def test_reference_scanner_catches_bad_references(page):
     assert len(find_bad_references(page, [(fake, text)])) == 1, text
 
 
-@pytest.mark.xfail(strict=False, reason='the repo-wide rewrite "SPEC §X" -> "docs/method.md §X" '
-                   'is pending; remove this mark once it is done')
 def test_no_citations_of_the_unshipped_working_note(files):
   hits = []
   for path, text in files:
