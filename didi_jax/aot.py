@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -46,6 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from didi_jax import config as config_lib  # noqa: E402
+from didi_jax import errors  # noqa: E402
 from didi_jax import parallel  # noqa: E402
 
 GiB = 1024 ** 3
@@ -344,6 +346,7 @@ def memory_report(compiled) -> dict:
          'generated_code_bytes': int(m.generated_code_size_in_bytes)}
   out['total_bytes'] = (out['argument_bytes'] + out['output_bytes'] - out['alias_bytes']
                         + out['temp_bytes'] + out['generated_code_bytes'])
+  out['source'] = 'compiled.memory_analysis()'
   return out
 
 
@@ -370,7 +373,7 @@ def _pow2_divisors(n: int):
     k *= 2
 
 
-def verdict(cfg, program: Program, mem: dict, hbm: Optional[int]) -> dict:
+def verdict(cfg, program: Program, mem: dict, hbm: Optional[int], refused: bool = False) -> dict:
   """Fits or not; the largest global batch by linear scaling of temporaries; the one-line fix."""
   job = program.job
   key = BATCH_KEYS[job]
@@ -386,7 +389,7 @@ def verdict(cfg, program: Program, mem: dict, hbm: Optional[int]) -> dict:
   per_row = temp / max(rows, 1)
   max_rows = int((hbm - fixed) // per_row) if per_row > 0 and hbm > fixed else 0
   out['max_global_batch'] = max_rows * div if max_rows >= 1 else 0
-  fits = total <= hbm
+  fits = total <= hbm and not refused
   out['fits'] = fits
   used = f'{total / GiB:.2f} of {hbm / GiB:.2f} GiB per device'
   if fits:
@@ -441,12 +444,47 @@ def model_flops_per_step(cfg, job: str, batch: int) -> float:
       rerank_ratio=float(s.rgas.rerank_ratio), noise_removal=s.noise_removal != 'none').flops
 
 
+_OOM = re.compile(r'temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)')
+_UNITS = {'': 1, 'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
+
+
 def compile_program(program: Program):
+  """(compiled or None, lowering s, compile s, None or the TPU compiler's out-of-memory figures)."""
   t0 = time.time()
   lowered = program.jitted.lower(*program.args)
   t1 = time.time()
-  compiled = lowered.compile()
-  return compiled, t1 - t0, time.time() - t1
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    found = _OOM.search(str(e))
+    if 'RESOURCE_EXHAUSTED' not in str(e) or not found:
+      raise
+    t, tu, a, au = found.groups()
+    return None, t1 - t0, time.time() - t1, {
+        'temp_bytes': int(float(t) * _UNITS[tu]), 'available_bytes': int(float(a) * _UNITS[au]),
+        'message': ' '.join(str(e).split())[:400]}
+  return compiled, t1 - t0, time.time() - t1, None
+
+
+def _per_device_bytes(tree) -> int:
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, 'sharding', None) is not None \
+        else x.shape
+    total += int(np.prod(shape)) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def oom_memory_report(program: Program, oom: dict) -> dict:
+  """Per-device memory when the TPU compiler refused the program: its temporaries figure, the
+  arguments from their shardings, the donated outputs aliased (outputs ≈ the donated state)."""
+  args = _per_device_bytes(program.args)
+  donated = _per_device_bytes(program.args[0]) if program.state_bytes else 0
+  out = {'argument_bytes': args, 'output_bytes': donated, 'alias_bytes': donated,
+         'temp_bytes': oom['temp_bytes'], 'generated_code_bytes': 0,
+         'source': 'the TPU compiler refused: ' + oom['message']}
+  out['total_bytes'] = args + oom['temp_bytes']
+  return out
 
 
 def measure_peak(program: Program, compiled) -> Optional[int]:
@@ -470,12 +508,46 @@ def default_job(cfg) -> str:
                  'distill or sample')
 
 
-def analyse(cfg, job: str, target: Target, *, measure: bool = False, config_name: str = ''):
-  """Builds, lowers and compiles `job` for `target`; returns (report dict, compiled)."""
+def confirm_batch(cfg, job: str, target: Target, first: int, tries: int = 3):
+  """After the compiler refused a batch: compile at `first` (the linear-scaling estimate) and,
+  while refused, at the estimate from that refusal (at most 0.9 x the last); the first batch that
+  compiles, with its total bytes per device, or (None, None). Under memory pressure the compiler
+  rematerialises, so a refusal's temporaries understate the cost per row: hence the check."""
+  import copy  # pylint: disable=import-outside-toplevel
+  key = BATCH_KEYS[job]
+  section, field = key.split('.')
+  batch = first
+  for _ in range(tries):
+    if batch < 1:
+      break
+    trial = copy.deepcopy(cfg)
+    trial[section][field] = batch
+    program = BUILDERS[job](trial, target.devices)
+    compiled, _, _, oom = compile_program(program)
+    if oom is None:
+      mem = memory_report(compiled)
+      if target.chip is None or mem['total_bytes'] <= target.chip.hbm_bytes:
+        return batch, mem['total_bytes']
+      oom = {'temp_bytes': mem['temp_bytes'], 'available_bytes': target.chip.hbm_bytes}
+    div = parallel.batch_divisor(program.mesh)
+    rows = batch // div
+    fixed = _per_device_bytes(program.args)
+    per_row = oom['temp_bytes'] / rows
+    estimate = int((oom['available_bytes'] - fixed) // per_row) * div if per_row > 0 else 0
+    batch = min(estimate, int(0.9 * batch) // div * div)
+  return None, None
+
+
+def analyse(cfg, job: str, target: Target, *, measure: bool = False, config_name: str = '',
+            confirm: bool = True):
+  """Builds, lowers and compiles `job` for `target`; returns (report dict, compiled).
+
+  When the compiler refuses the batch (out of HBM) and `confirm`, the suggested batch is checked
+  by compiling it (`confirm_batch`)."""
   if job not in JOBS:
     raise AotError(f'--job={job!r} is not valid: use one of {list(JOBS)}')
-  config_lib.validate(cfg)
   check_target_config(cfg, job, target)
+  config_lib.validate(cfg)
   if measure and target.topology != 'local':
     raise AotError('--measure runs the step: it needs --topology=local (the attached devices)')
   try:
@@ -484,9 +556,15 @@ def analyse(cfg, job: str, target: Target, *, measure: bool = False, config_name
     if isinstance(e, AotError):
       raise
     raise AotError(' '.join(str(e).split())) from None
-  compiled, lower_s, compile_s = compile_program(program)
-  mem = memory_report(compiled)
-  cost = _cost(compiled)
+  compiled, lower_s, compile_s, oom = compile_program(program)
+  if oom is not None:            # the TPU compiler itself refused: it does not fit
+    mem, cost = oom_memory_report(program, oom), {}
+    if target.chip is not None:  # what the compiler says it can use of the chip's HBM
+      target = dataclasses.replace(target, chip=dataclasses.replace(
+          target.chip, hbm_bytes=oom['available_bytes']))
+  else:
+    mem = memory_report(compiled)
+    cost = _cost(compiled)
   flops = float(cost.get('flops', 0.0))
   bytes_accessed = float(cost.get('bytes accessed', 0.0))
   n_dev = len(program.mesh.devices.flat)
@@ -520,8 +598,27 @@ def analyse(cfg, job: str, target: Target, *, measure: bool = False, config_name
       'lower_seconds': lower_s, 'compile_seconds': compile_s,
       'measured_peak_bytes': None, 'measured': False,
   }
-  report['verdict'] = verdict(cfg, program, mem, hbm)
-  if measure:
+  report['verdict'] = verdict(cfg, program, mem, hbm, refused=oom is not None)
+  if oom is not None:
+    report['compiler_refused'] = oom['message']
+    v = report['verdict']
+    if confirm and v['max_global_batch']:
+      batch, total = confirm_batch(cfg, job, target, v['max_global_batch'])
+      key = v['batch_key']
+      v['confirmed_batch'], v['confirmed_total_bytes'] = batch, total
+      first = f'--config.{key}={v["max_global_batch"]} '
+      rest = v['fix'][v['fix'].index(first) + len(first):] if first in v['fix'] else ''
+      rest = rest[rest.index(')') + 1:] if ')' in rest else rest
+      if batch is not None:
+        v['max_global_batch'] = batch
+        v['fix'] = (f'--config.{key}={batch} (confirmed by a compile: {total / GiB:.2f} GiB per '
+                    f'device)' + rest)
+      else:
+        v['max_global_batch'] = 0
+        v['fix'] = rest.lstrip(', or ') or 'a larger topology or a smaller model'
+      v['message'] = f'DOES NOT FIT ({mem["total_bytes"] / GiB:.2f} of {hbm / GiB:.2f} GiB per ' \
+                     f'device): set {v["fix"]}'
+  if measure and compiled is not None:
     report['measured_peak_bytes'] = measure_peak(program, compiled)
     report['measured'] = True
   return report, compiled
@@ -566,6 +663,12 @@ def format_report(r: dict) -> str:
       ('temporaries / device', _gib(m['temp_bytes'])),
       ('generated code / device', _gib(m['generated_code_bytes'])),
       ('TOTAL / device', _gib(m['total_bytes']) + hbm),
+  ]
+  if 'compiler_refused' in r:
+    rows += [('compiler', 'REFUSED (out of HBM); memory above: its temporaries figure, the '
+                          'arguments from their shardings'),
+             ('HBM the compiler can use / device', _gib(m['hbm_bytes']))]
+  rows += [
       ('compiler FLOPs / step / device', _num(c['flops_per_device'], 'FLOP')),
       ('compiler bytes accessed / step / device', _num(c['bytes_accessed_per_device'], 'B')),
       ('model FLOPs / step / device (bench.py formulas)',
@@ -627,7 +730,8 @@ def _parse(argv, config_flag):
     _fail(f'error: cannot load the config: {" ".join(str(e).split())[:300]}')
   except (AttributeError, KeyError) as e:
     bad = [a for a in argv[1:] if a.startswith('--config.')]
-    _fail(f'config error: unknown config key {str(e)!r} in {" ".join(bad) or argv[1:]}: check '
+    key = str(e).strip('"\'')
+    _fail(f'config error: unknown config key {key!r} in {" ".join(bad) or argv[1:]}: check '
           'the spelling against didi_jax/config.py')
   except ValueError as e:
     _fail(f'config error: {" ".join(str(e).split())}')
@@ -655,7 +759,7 @@ def main(argv=None) -> int:
     job = FLAGS.job or default_job(cfg)
     target = make_target(FLAGS.topology, FLAGS.num_slices)
     report, _ = analyse(cfg, job, target, measure=FLAGS.measure, config_name=config_name)
-  except (AotError, config_lib.ConfigError) as e:
+  except (AotError, errors.UserError) as e:
     _fail(f'config error: {" ".join(str(e).split())}')
   print(format_report(report), flush=True)
   if FLAGS.json:
