@@ -50,7 +50,8 @@ class Reward:
     return (np.float32(self.weight),)
 
   def disc_fn(self, dparams, region_BxL: Array, vocab_size: int):
-    raise NotImplementedError
+    raise TypeError(f'{type(self).__name__} does not define a reward: use TokenReward, '
+                    'SequenceReward, ClassifierReward or rewards.words(...)')
 
   def key(self):
     return (type(self).__name__, id(self))
