@@ -31,23 +31,34 @@ LENGTH = 8
 JIT_OPTS = {'xla_backend_optimization_level': 0}
 
 
-def tiny_cfg(**distill_overrides):
+def set_dotted(node, overrides):
+  """node['a']['b'] = v for every 'a.b' -> v."""
+  for k, v in overrides.items():
+    *parents, leaf = k.split('.')
+    target = node
+    for p in parents:
+      target = target[p]
+    target[leaf] = v
+
+
+def distill_cfg(vocab, length, dims, **distill_overrides):
+  """A float32 DiT of `dims` = (hidden, blocks, heads, mlp, cond) and a small distillation
+  (B = 2 rows × G = 4, one unfrozen discriminator block, 20 iterations, warm-up 4)."""
   cfg = base_config()
-  m = model_config('tiny', VOCAB, LENGTH)
-  m.hidden_size, m.n_blocks, m.n_heads, m.mlp_dim, m.cond_dim = 32, 2, 2, 64, 16
+  m = model_config('tiny', vocab, length)
+  m.hidden_size, m.n_blocks, m.n_heads, m.mlp_dim, m.cond_dim = dims
   m.compute_dtype = 'float32'
   cfg.model = m
   d = cfg.distill
   d.batch_size, d.group_size, d.disc_unfreeze_blocks = 2, 4, 1
   d.num_iterations = 20
   d.optim.student.warmup_steps = d.optim.disc.warmup_steps = 4
-  for k, v in distill_overrides.items():
-    node = d
-    parts = k.split('.')
-    for p in parts[:-1]:
-      node = node[p]
-    node[parts[-1]] = v
+  set_dotted(d, distill_overrides)
   return cfg
+
+
+def tiny_cfg(**distill_overrides):
+  return distill_cfg(VOCAB, LENGTH, (32, 2, 2, 64, 16), **distill_overrides)
 
 
 def teacher_params(cfg, seed=0):

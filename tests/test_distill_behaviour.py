@@ -16,10 +16,10 @@ from flax import nnx
 
 from didi_jax import diffusion
 from didi_jax import distill
-from didi_jax.config import base_config, model_config
 from didi_jax.models.discriminator import Spectral
 from didi_jax.models.dit import DiT
 from didi_jax.train import distill_state as ds
+from tests.test_distill import distill_cfg
 
 VOCAB, LENGTH = 8, 8
 MASK = VOCAB - 1
@@ -45,26 +45,11 @@ class PreferenceDisc(nnx.Module):
 
 
 def make_cfg(**overrides):
-  cfg = base_config()
-  m = model_config('tiny', VOCAB, LENGTH)
-  m.hidden_size, m.n_blocks, m.n_heads, m.mlp_dim, m.cond_dim = 16, 1, 2, 32, 8
-  m.compute_dtype = 'float32'
-  cfg.model = m
-  d = cfg.distill
-  d.batch_size, d.group_size, d.disc_unfreeze_blocks = 8, 4, 1
-  d.num_iterations = 100
-  d.loss_chunk_len = 0
-  d.optim.student.warmup_steps = d.optim.disc.warmup_steps = 1
-  d.optim.student.lr, d.optim.disc.lr = 1e-2, 0.0
-  d.kl.coef_hi = d.kl.coef_lo = 0.0
-  d.entropy_coef = 0.0
-  for k, v in overrides.items():
-    node = d
-    parts = k.split('.')
-    for p in parts[:-1]:
-      node = node[p]
-    node[parts[-1]] = v
-  return cfg
+  return distill_cfg(VOCAB, LENGTH, (16, 1, 2, 32, 8), **{
+      'batch_size': 8, 'num_iterations': 100, 'loss_chunk_len': 0,
+      'optim.student.warmup_steps': 1, 'optim.disc.warmup_steps': 1,
+      'optim.student.lr': 1e-2, 'optim.disc.lr': 0.0,
+      'kl.coef_hi': 0.0, 'kl.coef_lo': 0.0, 'entropy_coef': 0.0, **overrides})
 
 
 def random_teacher(cfg, seed=0, scale=0.3):

@@ -20,10 +20,10 @@ import pytest
 from flax import nnx
 
 from didi_jax import distill
-from didi_jax.config import base_config, model_config
 from didi_jax.models.dit import DiT
 from didi_jax.train import distill_state as ds
 from tests import reference_distill_numpy as ref
+from tests.test_distill import distill_cfg
 
 VOCAB, LENGTH = 10, 6
 MASK = VOCAB - 1
@@ -49,28 +49,12 @@ VARIANTS = {
 
 
 def make_cfg(overrides):
-  cfg = base_config()
-  m = model_config('tiny', VOCAB, LENGTH)
-  m.hidden_size, m.n_blocks, m.n_heads, m.mlp_dim, m.cond_dim = 8, 2, 2, 16, 4
-  m.compute_dtype = 'float32'
-  cfg.model = m
-  d = cfg.distill
-  d.batch_size, d.group_size, d.disc_unfreeze_blocks = 2, 4, 1
-  d.num_iterations = 20
-  d.loss_chunk_len = 0
-  d.optim.student.warmup_steps = d.optim.disc.warmup_steps = 4
-  d.optim.student.lr, d.optim.disc.lr = 1e-2, 1e-2
-  d.kl.coef_hi, d.kl.coef_lo, d.entropy_coef = 0.3, 0.2, 0.05
   # A late end time (and τ above it) leaves many positions masked after the second step, so the
   # draw depends on α at both ends of each step.
-  d.t0, d.tau.min = 0.2, 0.3
-  for k, v in overrides.items():
-    node = d
-    parts = k.split('.')
-    for p in parts[:-1]:
-      node = node[p]
-    node[parts[-1]] = v
-  return cfg
+  return distill_cfg(VOCAB, LENGTH, (8, 2, 2, 16, 4), **{
+      'loss_chunk_len': 0, 'optim.student.lr': 1e-2, 'optim.disc.lr': 1e-2,
+      'kl.coef_hi': 0.3, 'kl.coef_lo': 0.2, 'entropy_coef': 0.05, 't0': 0.2, 'tau.min': 0.3,
+      **overrides})
 
 
 def randomised(tree, key, scale):
