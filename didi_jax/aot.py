@@ -49,6 +49,19 @@ import numpy as np  # noqa: E402
 from didi_jax import config as config_lib  # noqa: E402
 from didi_jax import errors  # noqa: E402
 from didi_jax import parallel  # noqa: E402
+from jax.experimental import topologies
+from didi_jax.train import pretrain
+from flax import nnx
+from didi_jax import networks
+from didi_jax.train import distill_loop
+from didi_jax.models.discriminator import Discriminator, Spectral
+from didi_jax.sampling import runner
+from didi_jax import bench
+from didi_jax.sampling import cost as cost_lib
+from didi_jax import distill
+import copy
+from absl import flags
+from ml_collections import config_flags
 
 GiB = 1024 ** 3
 JOBS = ('pretrain', 'distill', 'sample')
@@ -129,7 +142,6 @@ def _quiet_stderr():
 
 def tpu_devices(topology: str, num_slices: int = 1) -> list:
   """Compile-only devices of a TPU topology (libtpu's description; no TPU needed)."""
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   kwargs = {}
   if topology.split(':')[0] == 'v4':
     kwargs['chip_config_name'] = 'megacore'       # one device per chip, as v4 VMs run
@@ -236,7 +248,6 @@ def _random_ids(cfg, batch: int) -> np.ndarray:
 
 
 def build_pretrain(cfg, devices, concrete: bool = False) -> Program:
-  from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
   trainer = pretrain.Trainer(cfg, '', devices=devices)
   B, L = int(cfg.pretrain.batch_size), int(cfg.model.length)
   state = trainer.abstract_state_sharded()
@@ -251,15 +262,11 @@ def build_pretrain(cfg, devices, concrete: bool = False) -> Program:
 
 
 def _random_teacher(cfg):
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from didi_jax import networks  # pylint: disable=import-outside-toplevel
-  from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
   model = pretrain.build_model(cfg.model, seed=int(cfg.seed))
   return networks.Network('teacher', cfg.model, nnx.graphdef(model), nnx.state(model, nnx.Param))
 
 
 def build_distill(cfg, devices, concrete: bool = False) -> Program:
-  from didi_jax.train import distill_loop  # pylint: disable=import-outside-toplevel
   runner = distill_loop.DistillRunner(cfg, _random_teacher(cfg) if concrete else None,
                                       devices=devices)
   B, L, G = int(cfg.distill.batch_size), int(cfg.model.length), int(cfg.distill.group_size)
@@ -279,10 +286,6 @@ def build_distill(cfg, devices, concrete: bool = False) -> Program:
 
 def _abstract_networks(cfg, concrete: bool):
   """(denoiser, discriminator or None) Networks for the sampler: abstract or random weights."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from didi_jax import networks  # pylint: disable=import-outside-toplevel
-  from didi_jax.models.discriminator import Discriminator, Spectral  # pylint: disable=import-outside-toplevel
-  from didi_jax.train import pretrain  # pylint: disable=import-outside-toplevel
   model_cfg = cfg.model
   build = (lambda f: f()) if concrete else nnx.eval_shape
   model = build(lambda: pretrain.build_model(model_cfg, seed=int(cfg.seed)))
@@ -298,7 +301,6 @@ def _abstract_networks(cfg, concrete: bool):
 
 
 def build_sample(cfg, devices, concrete: bool = False) -> Program:
-  from didi_jax.sampling import runner  # pylint: disable=import-outside-toplevel
   if cfg.sampler.kind == 'rgas' and cfg.sampler.network == 'teacher':
     raise AotError('RGAS needs a discriminator, which a teacher has not: use '
                    '--config.sampler.network=student_ema or --config.sampler.kind=ancestral')
@@ -428,13 +430,10 @@ LOOP_NOTES = {
 
 def model_flops_per_step(cfg, job: str, batch: int) -> float:
   """Model FLOPs of one step, whole mesh (the formulas of `didi_jax.bench`, docs/method.md §9 costs)."""
-  from didi_jax import bench  # pylint: disable=import-outside-toplevel
-  from didi_jax.sampling import cost as cost_lib  # pylint: disable=import-outside-toplevel
   m = cfg.model
   if job == 'pretrain':
     return batch * int(m.length) * bench.train_flops_per_token(m)
   if job == 'distill':
-    from didi_jax import distill  # pylint: disable=import-outside-toplevel
     d = cfg.distill
     return bench.distill_flops(m, batch, int(d.group_size), int(d.disc_unfreeze_blocks),
                                kl_on=distill.kl_enabled(d))['total']
@@ -513,7 +512,6 @@ def confirm_batch(cfg, job: str, target: Target, first: int, tries: int = 3):
   while refused, at the estimate from that refusal (at most 0.9 x the last); the first batch that
   compiles, with its total bytes per device, or (None, None). Under memory pressure the compiler
   rematerialises, so a refusal's temporaries understate the cost per row: hence the check."""
-  import copy  # pylint: disable=import-outside-toplevel
   key = BATCH_KEYS[job]
   section, field = key.split('.')
   batch = first
@@ -702,8 +700,6 @@ def format_report(r: dict) -> str:
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   config = config_flags.DEFINE_config_file(
       'config', None, 'Config file (configs/NAME.py[:PRESET]); override fields with '
       '--config.a.b=value.', lock_config=True)
@@ -719,7 +715,6 @@ def _define_flags():
 
 
 def _parse(argv, config_flag):
-  from absl import flags  # pylint: disable=import-outside-toplevel
   try:
     rest = flags.FLAGS(argv)
     _ = config_flag.value.job                     # config files load lazily: fail now
@@ -746,7 +741,9 @@ def _fail(message: str, code: int = 2):
 def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
   config_flag = _define_flags()
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  if any(a in ('-h', '--help', '--helpshort') for a in argv[1:]):
+    print(__doc__.strip() + '\n\nflags:\n' + flags.FLAGS.module_help(sys.modules[__name__]))
+    return 0
   rest = _parse(argv, config_flag)
   if len(rest) > 1:
     _fail(f'error: unexpected arguments {rest[1:]}: use --flag=value')

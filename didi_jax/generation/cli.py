@@ -9,6 +9,12 @@ import time
 from typing import Optional, Sequence
 
 from didi_jax import errors
+from didi_jax.generation.core import SAMPLERS
+from didi_jax import generation
+from didi_jax.generation import core, prompts as prompts_lib
+import jax
+from didi_jax import networks
+import numpy as np
 
 DESCRIPTION = r"""Generate text with a masked diffusion model: prefixes, suffixes, infilling, long outputs.
 
@@ -38,7 +44,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-  from didi_jax.generation.core import SAMPLERS  # pylint: disable=import-outside-toplevel
   p = _Parser(prog='python -m didi_jax.generate', description=DESCRIPTION, epilog=EPILOG,
               formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
   a = p.add_argument
@@ -125,8 +130,6 @@ def _printable(text: str) -> str:
 
 
 def run(args) -> int:
-  from didi_jax import generation  # pylint: disable=import-outside-toplevel
-  from didi_jax.generation import core, prompts as prompts_lib  # pylint: disable=import-outside-toplevel
   # Cheap checks first: a bad flag should not wait for a model to load.
   if args.sampler not in core.SAMPLERS:
     raise core.GenerationError(f'--sampler={args.sampler} is not known: use one of '
@@ -138,7 +141,6 @@ def run(args) -> int:
   if args.num_samples < 1:
     raise core.GenerationError(f'--num_samples={args.num_samples} must be >= 1')
   if args.precision == 'float64':
-    import jax  # pylint: disable=import-outside-toplevel
     jax.config.update('jax_enable_x64', True)
   prompt_list = _read_prompts(args)
   rgas_opts = _rgas_options(args.rgas)
@@ -153,7 +155,6 @@ def run(args) -> int:
       raise core.GenerationError('--reward_words needs a tokenizer: pass --tokenizer')
     reward = generation.words(gen.tokenizer, args.reward_words.split(','), args.reward_weight)
   elif args.classifier:
-    from didi_jax import networks  # pylint: disable=import-outside-toplevel
     net = networks.load(core.resolve_source(args.classifier), 'discriminator')
     net = core.disc_with_compute_dtype(net, args.compute_dtype)
     reward = generation.ClassifierReward(net, weight=args.reward_weight)
@@ -221,7 +222,6 @@ def _write_jsonl(path: str, res) -> None:
 
 
 def _json_default(o):
-  import numpy as np  # pylint: disable=import-outside-toplevel
   if isinstance(o, np.generic):
     return o.item()
   if isinstance(o, np.ndarray):

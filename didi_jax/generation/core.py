@@ -47,6 +47,12 @@ from didi_jax import errors
 from didi_jax import parallel
 from didi_jax.generation import prompts as prompts_lib
 from didi_jax.generation import rewards as rewards_lib
+from didi_jax.sampling import categorical
+from didi_jax.sampling import sample_from_config
+from didi_jax.sampling import cost as cost_lib
+from jax.experimental import multihost_utils
+from didi_jax import networks
+from didi_jax.data.tokenizers import get_tokenizer
 
 SAMPLERS = ('ancestral', 'cached', 'rgas', 'sparse')
 NETWORKS = ('auto', 'teacher', 'student', 'student_ema')
@@ -211,7 +217,6 @@ class Generator:
       _check(sampler == 'rgas', f"reward= steers RGAS only: pass sampler='rgas' (got "
              f"{sampler!r}, --sampler=rgas)")
     try:
-      from didi_jax.sampling import categorical  # pylint: disable=import-outside-toplevel
       categorical.check_precision(precision)
     except ValueError as e:
       raise GenerationError(_one_line(e)) from None
@@ -251,7 +256,6 @@ class Generator:
     if len(self.programs) >= MAX_PROGRAMS:           # oldest first
       self.programs.pop(next(iter(self.programs)))
       self._rewards.pop(next(iter(self._rewards)), None)
-    from didi_jax.sampling import sample_from_config  # pylint: disable=import-outside-toplevel
     graphdef, fn_net, mask_id, vocab = self._graphdef, self._fn, self.mask_id, self.vocab_size
     disc_graphdef = None
     if scfg.kind == 'rgas' and reward is None:
@@ -491,7 +495,6 @@ class Generator:
 
   def _window_cost(self, scfg, reward, stats, bucket: int, batch: int) -> dict:
     """Per-sample cost of one window (the sampler's counts are per batch = per sample)."""
-    from didi_jax.sampling import cost as cost_lib  # pylint: disable=import-outside-toplevel
     steps = int(scfg.steps)
     out = {'nfe': steps, 'student_forwards': int(stats['student_forwards']),
            'cache_hits': int(stats['cache_hits'])}
@@ -550,7 +553,6 @@ def _with_callback(fn, emit):
 def _host(x) -> np.ndarray:
   if getattr(x, 'is_fully_addressable', True) or x.is_fully_replicated:
     return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -609,7 +611,6 @@ def resolve_source(source: str) -> str:
     raise GenerationError(f'checkpoint {source!r} does not exist: pass a didi_jax run directory, '
                           "a checkpoint file, hf:ORG/NAME, or 'demo' (the shipped demo teacher)")
   if os.path.isdir(path):
-    from didi_jax import networks  # pylint: disable=import-outside-toplevel
     if networks.checkpoint_dir(path) is None:
       names = os.listdir(path)
       known = {'model.safetensors', 'pytorch_model.bin', 'discriminator.safetensors',
@@ -623,7 +624,6 @@ def resolve_source(source: str) -> str:
 
 def tokenizer_for(name_or_obj, vocab_size: int):
   """A tokenizer object: given (name or object), else inferred from the model's vocabulary."""
-  from didi_jax.data.tokenizers import get_tokenizer  # pylint: disable=import-outside-toplevel
   if name_or_obj is None:
     name_or_obj = _TOKENIZER_BY_VOCAB.get(int(vocab_size))
     if name_or_obj is None:
@@ -647,7 +647,6 @@ def _with_compute_dtype(net, compute_dtype: str, discriminator: bool = False):
          f"compute_dtype={compute_dtype!r}: use 'auto', 'float32' or 'bfloat16'")
   if net.model_cfg.compute_dtype == compute_dtype:
     return net
-  from didi_jax import networks  # pylint: disable=import-outside-toplevel
   cfg = copy.deepcopy(net.model_cfg)
   cfg.compute_dtype = compute_dtype
   graphdef = networks.build_abstract(cfg, discriminator=discriminator)[0]
@@ -679,7 +678,6 @@ def load(model, *, network: str = 'auto', tokenizer=None, compute_dtype: str = '
   if isinstance(model, Generator):
     return model
   _check(network in NETWORKS, f'network={network!r}: use one of {list(NETWORKS)} (--network)')
-  from didi_jax import networks  # pylint: disable=import-outside-toplevel
   disc_loader = None
   if isinstance(model, (str, os.PathLike)):
     source = resolve_source(os.fspath(model))
@@ -732,7 +730,6 @@ def _as_disc(discriminator):
   """A discriminator as the samplers' runner uses it (graphdef, params, spectral)."""
   if discriminator is None:
     return None
-  from didi_jax import networks  # pylint: disable=import-outside-toplevel
   if isinstance(discriminator, (str, os.PathLike)):
     return networks.load(resolve_source(os.fspath(discriminator)), 'discriminator')
   if not isinstance(discriminator, networks.Network):

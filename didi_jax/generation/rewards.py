@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 Array = jax.Array
 
@@ -126,7 +127,6 @@ class ClassifierReward(Reward):
   network = True
 
   def __init__(self, classifier, *, weight: float = 1.0):
-    from flax import nnx  # pylint: disable=import-outside-toplevel
     super().__init__(weight)
     self.model_cfg = getattr(classifier, 'model_cfg', None)
     if hasattr(classifier, 'graphdef') and hasattr(classifier, 'spectral'):   # networks.Network
@@ -155,7 +155,6 @@ class ClassifierReward(Reward):
     return ('classifier', self.graphdef)
 
   def disc_fn(self, dparams, region_BxL, vocab_size):
-    from flax import nnx  # pylint: disable=import-outside-toplevel
     weight, model = dparams[0], nnx.merge(self.graphdef, *dparams[1:])
 
     def disc(x, sigma_B, soft_input='logits'):

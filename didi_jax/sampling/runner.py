@@ -17,6 +17,7 @@ from flax import nnx
 from didi_jax import parallel
 from didi_jax.sampling import categorical, cost as cost_lib
 from didi_jax.sampling import sample_from_config
+from jax.experimental import multihost_utils
 
 
 @dataclasses.dataclass
@@ -67,7 +68,6 @@ def host_value(x) -> np.ndarray:
   (multi-host: every process gets every row)."""
   if getattr(x, 'is_fully_addressable', True) or x.is_fully_replicated:
     return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
