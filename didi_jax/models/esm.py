@@ -1,0 +1,407 @@
+"""The ESM-2 / DPLM masked-LM denoiser in Flax NNX, with the DiT call interface.
+
+Architecture = HF `transformers` `EsmForMaskedLM` (ESM-2), which DPLM (`EsmForDPLM`) subclasses
+without changing any weight:
+
+    e   = word_embeddings[x]                                    (V, D), pad row 1
+    e   = token_dropout(e)                  (if cfg.token_dropout; below)
+    e   = LN(e)                             (only if cfg.emb_layer_norm_before; ESM-2: no)
+    e   = e · valid                         (valid = x != <pad>, if cfg.pad_attention_mask)
+    per layer:  h = h + attention.output.dense(MHA(attention.LayerNorm(h)))
+                h = h + output.dense(gelu_erf(intermediate.dense(LayerNorm(h))))
+    f   = encoder.emb_layer_norm_after(h)                       ("features", the LM head's input)
+    out = lm_head.decoder(LN(gelu_erf(lm_head.dense(f)))) + lm_head.bias
+          (decoder weight tied to word_embeddings: no separate parameter)
+
+MHA: q, k, v = query/key/value(h) (with biases); q is scaled by head_dim^-½ BEFORE rotary (as ESM);
+rotary on q and k in float32, non-interleaved rotate-half `cat(−x2, x1)` with cos/sin of
+`cat(θ, θ)`, θ[p, j] = p · inv_freq[j], positions p = 0..L−1 (pad tokens included: HF and DPLM use
+arange(L) for rotary whatever the padding), inv_freq = 1/rope_theta^(2j/Dh) or the checkpoint's
+stored buffer (`esm.rotary_embeddings.inv_freq`, kept as a non-trainable `Buffer`); softmax with no
+further scale; PAD keys masked (−inf) when `cfg.pad_attention_mask`.
+
+Token dropout (ESM-2's `token_dropout=True`, exactly HF `EsmEmbeddings`): embeddings of `<mask>`
+are zeroed and all embeddings of a sequence are scaled by (1 − 0.12) / (1 − m), m = (#<mask>) /
+(#valid tokens) (valid = non-pad with the pad attention mask, else L). Soft input (B, L, V), read
+as probabilities p (after a softmax for 'logits'): e = Σ_v p_v E_v with the `<mask>` row zeroed,
+m = Σ_l p_l(<mask>) / #valid (the expected mask fraction, differentiable), and the pad mask is
+the hard decision p(<pad>) > ½ (no gradient). A one-hot soft input therefore gives exactly the
+ids path.
+
+Padding (decision): `pad_attention_mask=True` (default) follows DPLM, which always calls the net
+with attention_mask = input_ids != <pad>: pad embeddings are zeroed, pad keys are masked and the
+token-dropout ratio counts only non-pad tokens. HF `EsmForMaskedLM(input_ids)` without an
+attention_mask equals `pad_attention_mask=False`. In our 'eos' row layout (`data.protein`) rows
+hold no pad token, so both agree.
+
+No time conditioning: `sigma_B` is accepted and ignored (DPLM is time-agnostic), and `trunk`
+returns an empty (B, 0) conditioning. Precision as `models.dit`: parameters, embeddings,
+LayerNorm statistics (with bias, eps = cfg.layer_norm_eps) and the residual stream float32; dense
+layers run in `compute_dtype`; logits come back in `compute_dtype`.
+
+Parameter paths mirror the HF names one-to-one: `esm.encoder.layer.3.attention.self.query.weight`
+<-> ('esm', 'encoder', 'layer', 3, 'attention', 'self', 'query', 'kernel') (Linear kernels (in,
+out) = weightᵀ; Embedding 'weight' -> 'embedding'; LayerNorm 'weight', 'bias' unchanged;
+`lm_head.bias` -> ('lm_head', 'bias')). `checkpoint.esm_hf` converts both ways.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from didi_jax.errors import ConfigError
+from didi_jax.models.dit import Linear, check_soft_input, dropout, torch_uniform_init
+
+Array = jax.Array
+
+MASK_RATIO_TRAIN = 0.15 * 0.8      # hard-coded in ESM / HF: the ratio of all ESM training runs
+
+
+@dataclasses.dataclass(frozen=True)
+class EsmConfig:
+  """Sizes and switches; field names follow HF `EsmConfig` where one exists."""
+  vocab_size: int = 33
+  hidden_size: int = 320
+  num_hidden_layers: int = 6
+  num_attention_heads: int = 20
+  intermediate_size: int = 1280
+  layer_norm_eps: float = 1e-5
+  mask_token_id: int = 32
+  pad_token_id: int = 1
+  token_dropout: bool = True
+  emb_layer_norm_before: bool = False
+  rope_theta: float = 10000.0
+  hidden_dropout_prob: float = 0.0     # dropout after attention.output and output dense (training)
+  # ours
+  compute_dtype: str = 'float32'
+  pad_attention_mask: bool = True
+  attention_impl: str = 'auto'
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_attention_heads:
+      raise ConfigError(f'hidden_size={self.hidden_size} is not divisible by num_attention_heads='
+                        f'{self.num_attention_heads}: pick sizes with hidden % heads == 0')
+    if (self.hidden_size // self.num_attention_heads) % 2:
+      raise ConfigError('ESM head dim (hidden_size / num_attention_heads) must be even for rotary')
+    if not 0 <= self.mask_token_id < self.vocab_size or not 0 <= self.pad_token_id < self.vocab_size:
+      raise ConfigError(f'mask_token_id={self.mask_token_id} / pad_token_id={self.pad_token_id} '
+                        f'must be ids below vocab_size={self.vocab_size}')
+    if not 0.0 <= self.hidden_dropout_prob < 1.0:
+      raise ConfigError(f'hidden_dropout_prob={self.hidden_dropout_prob} must lie in [0, 1)')
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  def replace(self, **kw) -> 'EsmConfig':
+    return dataclasses.replace(self, **kw)
+
+
+# ESM-2 sizes (facebook/esm2_*; DPLM 150M / 650M / 3B reuse the last three).
+ESM2_SIZES = {
+    '8m': dict(hidden_size=320, num_hidden_layers=6, num_attention_heads=20, intermediate_size=1280),
+    '35m': dict(hidden_size=480, num_hidden_layers=12, num_attention_heads=20,
+                intermediate_size=1920),
+    '150m': dict(hidden_size=640, num_hidden_layers=30, num_attention_heads=20,
+                 intermediate_size=2560),
+    '650m': dict(hidden_size=1280, num_hidden_layers=33, num_attention_heads=20,
+                 intermediate_size=5120),
+    '3b': dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=40,
+               intermediate_size=10240),
+}
+
+
+class Buffer(nnx.Variable):
+  """A stored, never-trained tensor (the rotary inverse frequencies)."""
+
+
+class LayerNorm(nnx.Module):
+  """torch.nn.LayerNorm: float32 statistics (biased variance), weight and bias."""
+
+  def __init__(self, dim: int, eps: float):
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.eps = float(eps)
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...] + self.bias[...]
+
+
+class WordEmbeddings(nnx.Module):
+
+  def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim)) * 0.02)
+
+
+class RotaryEmbedding(nnx.Module):
+
+  def __init__(self, head_dim: int, theta: float):
+    self.inv_freq = Buffer(default_inv_freq(head_dim, theta))
+
+  def tables(self, length: int):
+    """cos, sin (L, Dh) float32 of cat(θ, θ), θ[p, j] = p · inv_freq[j]."""
+    inv = self.inv_freq[...].astype(jnp.float32)
+    ang = jnp.arange(length, dtype=jnp.float32)[:, None] * inv[None]
+    emb = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def default_inv_freq(head_dim: int, theta: float = 10000.0) -> Array:
+  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def rotate_half(x: Array) -> Array:
+  half = x.shape[-1] // 2
+  return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x_BxLxHxD: Array, cos: Array, sin: Array) -> Array:
+  x = x_BxLxHxD.astype(jnp.float32)
+  out = x * cos[None, :, None, :] + rotate_half(x) * sin[None, :, None, :]
+  return out.astype(x_BxLxHxD.dtype)
+
+
+class EsmEmbeddings(nnx.Module):
+
+  def __init__(self, cfg: EsmConfig, *, rngs: nnx.Rngs):
+    self.word_embeddings = WordEmbeddings(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
+    self.layer_norm = (LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+                       if cfg.emb_layer_norm_before else None)
+
+
+class _Dense(nnx.Module):
+  """A holder with one `dense` Linear (HF's `attention.output`, `intermediate`, `output`)."""
+
+  def __init__(self, d_in: int, d_out: int, *, dtype, rngs: nnx.Rngs):
+    self.dense = Linear(d_in, d_out, dtype=dtype, rngs=rngs)
+
+
+class EsmSelfAttention(nnx.Module):
+
+  def __init__(self, d: int, *, dtype, rngs: nnx.Rngs):
+    self.query = Linear(d, d, dtype=dtype, rngs=rngs)
+    self.key = Linear(d, d, dtype=dtype, rngs=rngs)
+    self.value = Linear(d, d, dtype=dtype, rngs=rngs)
+
+
+class EsmAttention(nnx.Module):
+
+  def __init__(self, cfg: EsmConfig, *, dtype, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    # `self` as an attribute name is what HF calls it (attention.self.query ...).
+    self.self = EsmSelfAttention(d, dtype=dtype, rngs=rngs)
+    self.output = _Dense(d, d, dtype=dtype, rngs=rngs)
+    self.LayerNorm = LayerNorm(d, cfg.layer_norm_eps)  # pylint: disable=invalid-name
+
+
+class EsmLayer(nnx.Module):
+
+  def __init__(self, cfg: EsmConfig, *, dtype, rngs: nnx.Rngs):
+    self.n_heads = cfg.num_attention_heads
+    self.attention_impl = cfg.attention_impl
+    self.attention = EsmAttention(cfg, dtype=dtype, rngs=rngs)
+    self.intermediate = _Dense(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+    self.output = _Dense(cfg.intermediate_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+    self.LayerNorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)  # pylint: disable=invalid-name
+
+  def __call__(self, h, key_mask_BxL, cos, sin, rate: float, key: Optional[Array]):
+    B, L, D = h.shape
+    H = self.n_heads
+    Dh = D // H
+    k1 = k2 = None
+    if key is not None:
+      k1, k2 = jax.random.split(key)
+    att = self.attention
+    u = att.LayerNorm(h)
+    q = att.self.query(u).reshape(B, L, H, Dh)
+    q = q * jnp.asarray(Dh ** -0.5, q.dtype)
+    k = att.self.key(u).reshape(B, L, H, Dh)
+    v = att.self.value(u).reshape(B, L, H, Dh)
+    q = apply_rotary(q, cos, sin)
+    k = apply_rotary(k, cos, sin)
+    mask = None if key_mask_BxL is None else key_mask_BxL[:, None, None, :]
+    impl = None if self.attention_impl == 'auto' else self.attention_impl
+    if q.dtype == jnp.float32:
+      # float32 parity path: explicit HIGHEST-precision softmax attention.
+      s = jnp.einsum('blhd,bmhd->bhlm', q, k, precision=jax.lax.Precision.HIGHEST)
+      if mask is not None:
+        s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)   # HF: + finfo.min
+      p = jax.nn.softmax(s, axis=-1)
+      a = jnp.einsum('bhlm,bmhd->blhd', p, v, precision=jax.lax.Precision.HIGHEST)
+    else:
+      a = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation=impl)
+    a = a.reshape(B, L, D)
+    h = h + dropout(att.output.dense(a), rate, k1).astype(jnp.float32)
+    m = self.intermediate.dense(self.LayerNorm(h))
+    m = jax.nn.gelu(m, approximate=False)
+    return h + dropout(self.output.dense(m), rate, k2).astype(jnp.float32)
+
+
+class EsmEncoder(nnx.Module):
+
+  def __init__(self, cfg: EsmConfig, *, dtype, rngs: nnx.Rngs):
+    self.layer = nnx.List([EsmLayer(cfg, dtype=dtype, rngs=rngs)
+                           for _ in range(cfg.num_hidden_layers)])
+    self.emb_layer_norm_after = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+
+
+class EsmModel(nnx.Module):
+
+  def __init__(self, cfg: EsmConfig, *, dtype, rngs: nnx.Rngs):
+    self.embeddings = EsmEmbeddings(cfg, rngs=rngs)
+    self.rotary_embeddings = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+    self.encoder = EsmEncoder(cfg, dtype=dtype, rngs=rngs)
+
+
+class EsmLMHead(nnx.Module):
+  """dense -> GELU(erf) -> LayerNorm -> decoder (tied: word_embeddingsᵀ) + bias."""
+
+  def __init__(self, cfg: EsmConfig, *, dtype, rngs: nnx.Rngs):
+    self.dense = Linear(cfg.hidden_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+    self.layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+    self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32))
+    self.dtype = dtype
+
+  def __call__(self, f: Array, embedding_VxD: Array) -> Array:
+    x = jax.nn.gelu(self.dense(f), approximate=False)
+    x = self.layer_norm(x)
+    precision = jax.lax.Precision.HIGHEST if self.dtype == jnp.float32 else None
+    y = jnp.dot(x.astype(self.dtype), embedding_VxD.T.astype(self.dtype), precision=precision)
+    return y + self.bias[...].astype(self.dtype)
+
+
+def _as_config(cfg: Any) -> EsmConfig:
+  if isinstance(cfg, EsmConfig):
+    return cfg
+  fields = {f.name for f in dataclasses.fields(EsmConfig)}
+  d = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
+  return EsmConfig(**{k: v for k, v in d.items() if k in fields})
+
+
+class EsmTrunk(nnx.Module):
+  """Embeddings and transformer layers (everything but emb_layer_norm_after's use and the head);
+  `trunk` is the `DiTTrunk.trunk` equivalent a discriminator reuses."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    cfg = _as_config(cfg)
+    self.cfg = cfg
+    self.dropout_rate = float(cfg.hidden_dropout_prob)
+    self.esm = EsmModel(cfg, dtype=jnp.dtype(cfg.compute_dtype), rngs=rngs)
+
+  # ------------------------------------------------------------------------- embeddings
+
+  def embed(self, x: Array, soft_input: str = 'logits'):
+    """(e (B, L, D) float32, key mask (B, L) bool or None) as HF EsmEmbeddings (docstring)."""
+    check_soft_input(soft_input)
+    cfg = self.cfg
+    table = jnp.asarray(self.esm.embeddings.word_embeddings.embedding[...])
+    if jnp.issubdtype(x.dtype, jnp.integer):
+      e = jnp.take(table, x, axis=0)
+      is_mask = (x == cfg.mask_token_id).astype(jnp.float32)
+      valid = (x != cfg.pad_token_id) if cfg.pad_attention_mask else None
+    else:
+      p = x.astype(jnp.float32)
+      if soft_input == 'logits':
+        p = jax.nn.softmax(p, axis=-1)
+      if cfg.token_dropout:
+        table = table.at[cfg.mask_token_id].set(0.0)
+      e = jnp.einsum('blv,vd->bld', p, table, precision=jax.lax.Precision.HIGHEST)
+      is_mask = p[..., cfg.mask_token_id]
+      valid = None
+      if cfg.pad_attention_mask:
+        valid = jax.lax.stop_gradient(p[..., cfg.pad_token_id]) <= 0.5
+    if cfg.token_dropout:
+      if jnp.issubdtype(x.dtype, jnp.integer):
+        e = e * (1.0 - is_mask)[..., None]        # <mask> embeddings zeroed (soft: row zeroed)
+      if valid is None:
+        n_valid = jnp.float32(x.shape[1])
+        n_mask = is_mask.sum(-1)
+      else:
+        n_valid = valid.sum(-1).astype(jnp.float32)
+        n_mask = is_mask.sum(-1)   # HF counts every <mask>, pad or not (a <mask> is never pad)
+      observed = n_mask / n_valid
+      e = e * ((1.0 - MASK_RATIO_TRAIN) / (1.0 - observed))[:, None, None]
+    if self.esm.embeddings.layer_norm is not None:
+      e = self.esm.embeddings.layer_norm(e)
+    if valid is not None:
+      e = e * valid[..., None].astype(jnp.float32)
+    return e, valid
+
+  # ------------------------------------------------------------------------- trunk
+
+  def trunk(self, x, sigma_B=None, *, soft_input: str = 'logits',
+            dropout_key: Optional[Array] = None, num_blocks=None):
+    """(hidden (B, L, D) float32 after the first `num_blocks` layers (all by default), before
+    emb_layer_norm_after; cond (B, 0) float32, empty: ESM has no time conditioning).
+    `sigma_B` is ignored."""
+    del sigma_B
+    h, valid = self.embed(x, soft_input)
+    B, L = h.shape[:2]
+    cos, sin = self.esm.rotary_embeddings.tables(L)
+    layers = self.esm.encoder.layer
+    layers = layers if num_blocks is None else layers[:num_blocks]
+    keys = [None] * len(layers)
+    if dropout_key is not None and self.dropout_rate > 0:
+      keys = list(jax.random.split(dropout_key, len(layers)))
+    rate = self.dropout_rate
+    for layer, key in zip(layers, keys):
+      if self.cfg.remat:
+        h = nnx.remat(lambda m, h_, v_, k_: m(h_, v_, cos, sin, rate, k_))(layer, h, valid, key)
+      else:
+        h = layer(h, valid, cos, sin, rate, key)
+    return h, jnp.zeros((B, 0), jnp.float32)
+
+
+class EsmForMaskedLM(EsmTrunk):
+  """Denoiser: (ids (B, L) or soft input (B, L, V), σ_B ignored) -> logits (B, L, V).
+
+  Same call interface as `models.dit.DiT` (`__call__`, `features`, `trunk`), plus `project`
+  (the LM head applied to `features`: `project(features(x, σ)) == self(x, σ)`), which a sparse
+  sampler uses where a DiT offers `output_layer.linear`.
+  """
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.lm_head = EsmLMHead(self.cfg, dtype=jnp.dtype(self.cfg.compute_dtype), rngs=rngs)
+
+  def features(self, x, sigma_B=None, *, soft_input: str = 'logits',
+               dropout_key: Optional[Array] = None) -> Array:
+    """The LM head's input (B, L, D) float32: the last layer's output after emb_layer_norm_after."""
+    h, _ = self.trunk(x, sigma_B, soft_input=soft_input, dropout_key=dropout_key)
+    return self.esm.encoder.emb_layer_norm_after(h)
+
+  def project(self, f: Array) -> Array:
+    """LM head on features (..., D) -> logits (..., V) in compute_dtype."""
+    return self.lm_head(f, self.esm.embeddings.word_embeddings.embedding[...])
+
+  def __call__(self, x, sigma_B=None, *, soft_input: str = 'logits',
+               dropout_key: Optional[Array] = None) -> Array:
+    return self.project(self.features(x, sigma_B, soft_input=soft_input,
+                                      dropout_key=dropout_key))
+
+
+def trainable_mask(params_tree, n_layers: int, unfreeze_layers: int):
+  """Bool pytree over an ESM-trunk discriminator's Param state: the last `unfreeze_layers`
+  encoder layers and any head outside `esm` (the `discriminator.trainable_mask` equivalent)."""
+  first = n_layers - unfreeze_layers
+
+  def is_trainable(path, _):
+    keys = [getattr(p, 'key', getattr(p, 'idx', None)) for p in path]
+    if not keys or keys[0] != 'esm':
+      return True
+    if keys[1:3] == ['encoder', 'layer']:
+      return int(keys[3]) >= first
+    return False
+  return jax.tree_util.tree_map_with_path(is_trainable, params_tree)
+
+
+def init_model(cfg, seed: int = 0) -> EsmForMaskedLM:
+  return EsmForMaskedLM(cfg, rngs=nnx.Rngs(seed))
