@@ -259,3 +259,37 @@ def test_sweep_student_and_rgas_rows(tmp_path, teacher_dir):
   assert rgas['tflops_per_sample'] > student['tflops_per_sample']
   assert rgas['settings']['sampler']['rgas']['num_candidates'] == cfg.sampler.rgas.num_candidates
   assert out['curve_series'] == ['teacher / ancestral', 'student / ancestral', 'student / rgas']
+
+
+def test_sweep_scores_every_judge(tmp_path, teacher_dir):
+  """eval.extra_judges: each row records Gen PPL per judge and the table has a column each; a
+  sweep without extra judges keeps its old resume key."""
+  from flax import nnx
+  from didi_jax import config as config_lib
+  from didi_jax.checkpoint import exporter
+  mcfg = config_lib.model_config('tiny', vocab_size=257, length=32)
+  mcfg.kind, mcfg.compute_dtype = 'ar', 'float32'
+  byte_judge = str(tmp_path / 'bytes.safetensors')
+  exporter.save_ours(byte_judge, {'teacher': nnx.to_pure_dict(nnx.state(
+      pretrain.build_model(mcfg, seed=1), nnx.Param))}, model_cfg=mcfg)
+  cfg = eval_config(teacher_dir, models='teacher', samplers='ancestral', teacher_nfes='2')
+  plain = sweep.cell_settings(cfg, sweep.Cell('teacher', 'ancestral', 2, 'float32'),
+                              sweep.ModelEntry('teacher', 'teacher', teacher_dir, 6))
+  assert 'extra_judges' not in plain
+  cfg.eval.extra_judges = byte_judge
+  out = sweep.run(cfg, str(tmp_path))
+  with open(out['results'], encoding='utf-8') as f:
+    (row,) = json.load(f)
+  assert list(row['judges']) == ['smollm2', byte_judge]
+  assert row['judges']['smollm2']['gen_ppl'] == row['gen_ppl']
+  extra = row['judges'][byte_judge]
+  assert extra['judge_context'] == 32 and extra['gen_ppl'] != row['gen_ppl']
+  assert extra['gen_ppl_ci'][0] <= extra['gen_ppl'] <= extra['gen_ppl_ci'][1]
+  assert row['settings']['extra_judges'] == [byte_judge]
+  ids, texts, _ = samples.read_samples(os.path.join(str(tmp_path), 'samples',
+                                                    'sweep_teacher_ancestral_nfe2_float32_seed0.jsonl'))
+  nll, count = judges.load_judge(byte_judge, 32).score_texts(texts, 8)
+  assert extra['gen_ppl'] == pytest.approx(np.exp(nll.sum() / count.sum()), rel=1e-9)
+  with open(out['table'], encoding='utf-8') as f:
+    table = f.read()
+  assert f'Gen PPL {byte_judge} [95% CI]' in table and f'Gen PPL ({byte_judge})' in table

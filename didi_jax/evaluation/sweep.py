@@ -9,7 +9,8 @@ Grid (config section `sweep`):
   precisions  float32 | float64 (float64 rows run under a scoped `jax.enable_x64`)
 
 Every row draws `eval.num_samples` samples with seed `eval.seed` (batch `sample.batch_size`) and is
-judged by one judge loaded once. Outputs in WORKDIR/sweep/: results.json (rows), results.md (table),
+judged by one judge loaded once (plus the further judges of `eval.extra_judges`, whose Gen PPL
+goes to each row's `judges` record and to extra table columns). Outputs in WORKDIR/sweep/: results.json (rows), results.md (table),
 curve.png (Gen PPL and entropy vs NFE) and curve_flops.png (vs TFLOPs per sample). A row whose
 settings equal a row already in results.json is reused, so a killed sweep continues where it
 stopped; rows of an earlier grid that no longer match go to results.stale.json.
@@ -263,6 +264,10 @@ def cell_settings(cfg, cell: Cell, entry: ModelEntry) -> dict:
          'batch_size': int(cfg.sample.batch_size), 'judge': e.judge,
          'judge_context': int(e.judge_context), 'judge_group_size': int(cfg.sample.batch_size),
          'bootstrap': int(e.bootstrap), 'x64': x64, 'sampler': sampler}
+  extra = judges.extra_judge_names(e)
+  if extra:                       # only then: rows of earlier sweeps keep their resume key
+    out['extra_judges'] = extra
+    out['extra_judge_context'] = int(e.get('extra_judge_context', 0))
   return json.loads(json.dumps(out, default=artifacts.json_default))
 
 
@@ -311,8 +316,17 @@ def _sample_ar(cfg, cell: Cell, nets, mesh) -> runner.SampleResult:
                 'temperature': float(sc.temperature), 'bos_id': int(tok.eos_id)})
 
 
-def run_cell(cfg, workdir: str, cell: Cell, models: Models, judge, mesh) -> tuple[dict, object]:
-  """Draws and judges one cell; returns (row without settings, SampleResult)."""
+def judge_record(quality: dict, judge) -> dict:
+  """The per-judge part of a row: Gen PPL, its interval and the judge's context."""
+  return {'gen_ppl': quality['gen_ppl'], 'gen_ppl_ci': list(quality['gen_ppl_ci']),
+          'mean_sample_ppl': quality['mean_sample_ppl'],
+          'num_judge_tokens': quality['num_judge_tokens'], 'judge_context': int(judge.context)}
+
+
+def run_cell(cfg, workdir: str, cell: Cell, models: Models, judge, mesh,
+             extra_judges=()) -> tuple[dict, object]:
+  """Draws and judges one cell; returns (row without settings, SampleResult). With
+  `extra_judges` the row also holds `judges`: {name: judge_record} for every judge."""
   entry = models.entries[cell.model]
   nets = models.networks_for(cell.model, need_disc=cell.sampler == 'rgas')
   with _x64(cell):
@@ -343,6 +357,13 @@ def run_cell(cfg, workdir: str, cell: Cell, models: Models, judge, mesh) -> tupl
          'tokens_per_second': float(ids.size / max(res.seconds, 1e-9)),
          'seed': int(e.seed), 'judge': e.judge, 'judge_context': int(e.judge_context),
          'regime': settings.get('regime'), 'sigma': settings.get('sigma'), 'x64': x64}
+  if extra_judges:
+    row['judges'] = {e.judge: judge_record(quality, judge)}
+    for other in extra_judges:
+      q = evaluate.sample_quality(other, ids, texts, group_size=int(cfg.sample.batch_size),
+                                  judge_batch_size=int(e.judge_batch_size),
+                                  n_bootstrap=int(e.bootstrap), seed=int(e.seed))
+      row['judges'][other.name] = judge_record(q, other)
   if x64 and cell.precision == 'float64':
     row['note'] = 'jax_enable_x64 on (scoped to this row)'
   return row, res
@@ -362,18 +383,23 @@ def _fmt_ci(v, ci, digits: int) -> str:
 def markdown(rows: list[dict], cfg, references: dict, skipped: list[str]) -> str:
   """The results table (one line per row) plus the data reference and skipped combinations."""
   e = cfg.eval
+  extra = judges.extra_judge_names(e)
   lines = [f'# NFE sweep — judge {e.judge} (context {e.judge_context}), {e.num_samples} samples '
            f'per row, seed {e.seed}', '',
            '| model | sampler | precision | NFE | student fwd | disc fwd / bwd | net evals '
-           '| TFLOPs/sample | Gen PPL [95% CI] | entropy [95% CI] | rep. 4-gram | seconds '
-           '| tok/s |',
-           '|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|']
+           '| TFLOPs/sample | Gen PPL [95% CI] | '
+           + ''.join(f'Gen PPL {name} [95% CI] | ' for name in extra)
+           + 'entropy [95% CI] | rep. 4-gram | seconds | tok/s |',
+           '|---|---|---|---:|---:|---:|---:|---:|---|' + '---|' * len(extra)
+           + '---|---:|---:|---:|']
   for r in rows:
     tf = r.get('tflops_per_sample')
     cells = [r['model'], r['sampler'], r['precision'], r['nfe'], r.get('student_forwards'),
              f'{r.get("disc_forwards")} / {r.get("disc_backwards")}',
              r.get('network_evaluations'), '–' if tf is None else f'{tf:.4g}',
              _fmt_ci(r.get('gen_ppl'), r.get('gen_ppl_ci'), 2),
+             *(_fmt_ci(r.get('judges', {}).get(name, {}).get('gen_ppl'),
+                       r.get('judges', {}).get(name, {}).get('gen_ppl_ci'), 2) for name in extra),
              _fmt_ci(r.get('entropy'), r.get('entropy_ci'), 3),
              f'{r.get("repeated_4gram_rate", float("nan")):.3f}',
              f'{r.get("seconds", 0.0):.2f}', f'{r.get("tokens_per_second", 0.0):,.0f}']
@@ -383,6 +409,8 @@ def markdown(rows: list[dict], cfg, references: dict, skipped: list[str]) -> str
     ent = _fmt_ci(ref['entropy'], ref['entropy_ci'], 3)
     ppl = (f', Gen PPL {_fmt_ci(ref["gen_ppl"], ref["gen_ppl_ci"], 2)}'
            if ref.get('gen_ppl') is not None else '')
+    for name, other in ref.get('judges', {}).items():
+      ppl += f', Gen PPL ({name}) {_fmt_ci(other["gen_ppl"], other["gen_ppl_ci"], 2)}'
     lines.append(f'Data reference: validation blocks score unigram entropy {ent} nats{ppl} '
                  f'({ref["num_blocks"]} blocks of {length} tokens, {ref["source"]}).')
   if rows:
@@ -421,6 +449,20 @@ def _sweep_name(cell: Cell, seed: int) -> str:
   return f'sweep_{cell.model}_{cell.sampler}_nfe{cell.nfe}_{cell.precision}_seed{seed}'
 
 
+def data_reference(cfg, length: int, judge, extra_judges=()) -> dict:
+  """evaluate.data_reference under the primary judge, plus `judges`: {name: Gen PPL record} of
+  the same validation blocks under each extra judge."""
+  e = cfg.eval
+  ref = evaluate.data_reference(cfg, length, int(e.num_samples), int(e.bootstrap), int(e.seed),
+                                judge, int(cfg.sample.batch_size), int(e.judge_batch_size))
+  for other in extra_judges or ():
+    q = evaluate.data_reference(cfg, length, int(e.num_samples), int(e.bootstrap), int(e.seed),
+                                other, int(cfg.sample.batch_size), int(e.judge_batch_size))
+    ref.setdefault('judges', {})[other.name] = {
+        'gen_ppl': q['gen_ppl'], 'gen_ppl_ci': q['gen_ppl_ci'], 'judge_context': other.context}
+  return ref
+
+
 # --------------------------------------------------------------------------------------- job
 
 
@@ -437,6 +479,7 @@ def run(cfg, workdir: str) -> dict:
   unused = list(range(len(previous)))
   mesh = parallel.make_mesh(cfg.mesh)
   judge = None
+  extra_judges = None
   rows: list[dict] = []
   computed = reused = 0
   done_weight, elapsed = 0.0, 0.0
@@ -461,9 +504,10 @@ def run(cfg, workdir: str) -> dict:
       continue
     if judge is None:
       judge = judges.load_judge(cfg.eval.judge, int(cfg.eval.judge_context))
+      extra_judges = judges.load_extra_judges(cfg.eval)
     t0 = time.time()
     try:
-      row, res = run_cell(cfg, workdir, cell, models, judge, mesh)
+      row, res = run_cell(cfg, workdir, cell, models, judge, mesh, extra_judges)
     except ValueError as err:
       if cell.sampler == 'rgas' and models.entries[cell.model].disc_error:
         skipped.append(f'{cell.label}: {err}')
@@ -499,13 +543,12 @@ def run(cfg, workdir: str) -> dict:
   for length in sorted({int(r['length']) for r in rows if r.get('length')}):
     if judge is None:
       judge = judges.load_judge(e.judge, int(e.judge_context))
-    references[length] = evaluate.data_reference(
-        cfg, length, int(e.num_samples), int(e.bootstrap), int(e.seed), judge,
-        int(cfg.sample.batch_size), int(e.judge_batch_size))
+      extra_judges = judges.load_extra_judges(e)
+    references[length] = data_reference(cfg, length, judge, extra_judges)
   _write_text(os.path.join(out_dir, TABLE), markdown(rows, cfg, references, skipped))
   ref = references[max(references)] if references else {}
   refs = {'data_entropy': ref.get('entropy'), 'data_gen_ppl': ref.get('gen_ppl')}
-  title = f'judge {e.judge}, {e.num_samples} samples per point'
+  title = f'judge {", ".join([e.judge] + judges.extra_judge_names(e))}, {e.num_samples} samples per point'
   curve = plots.curve(rows, os.path.join(out_dir, CURVE), x='nfe', title=title, **refs)
   curve_flops = plots.curve(rows, os.path.join(out_dir, CURVE_FLOPS), x='tflops_per_sample',
                             title=title, **refs)
