@@ -13,7 +13,7 @@ import ml_collections
 
 from didi_jax import errors
 
-JOBS = ('pretrain', 'distill', 'sample', 'evaluate', 'sweep', 'pipeline')
+JOBS = ('pretrain', 'distill', 'sample', 'evaluate', 'sweep', 'pipeline', 'ablate')
 
 # name: (hidden, blocks, heads, mlp, cond)   -- docs/method.md §3.1
 MODEL_SIZES = {
@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   """All knobs with the paper's OWT defaults (docs/method.md §1-§10)."""
   cfg = ml_collections.ConfigDict()
   cfg.job = 'pretrain'            # one of JOBS: pretrain | distill | sample | evaluate | sweep |
-                                  # pipeline
+                                  # pipeline | ablate
   cfg.seed = 1                    # run seed: keys of every step derive from it (official: 1)
   cfg.model = model_config('small')
 
@@ -213,6 +213,11 @@ def base_config() -> ml_collections.ConfigDict:
       judge='gpt2-large',         # 'gpt2-large' (the paper's) | 'gpt2' | 'smollm2' | a local
                                   # dir / .gguf path
       judge_context=1024,         # judge tokens per sample (truncation; official 1024)
+      extra_judges='',            # comma list of further judges scored beside `judge` in sweep
+                                  # and ablate cells, e.g. 'demo-bytes' (the shipped byte-level
+                                  # demo judge), a byte-level AR run dir or .safetensors ('': none)
+      extra_judge_context=0,      # tokens per sample for the extra judges, >= 0 (0: each judge's
+                                  # longest context, e.g. the byte judge's model length)
       judge_batch_size=8,         # sequences per judge call
       num_samples=256,            # samples per evaluated setting (D11: 256)
       seed=0,                     # sampling seed of evaluate / sweep rows
@@ -228,6 +233,15 @@ def base_config() -> ml_collections.ConfigDict:
       teacher_nfes='8,16,32,64,128,1024',   # teacher NFEs (1024 = the paper's teacher)
       precisions='float32',       # comma list of float32 | float64
       ar_checkpoint='',           # the AR baseline's workdir/checkpoint for the 'ar' model
+  ))
+
+  cfg.ablation = ml_collections.ConfigDict(dict(
+      rows='chain,loo',           # comma list of row names and groups: 'chain' (the paper's
+                                  # cumulative rows, baseline -> full), 'loo' (full minus each
+                                  # technique on in the config); docs/ablation.md lists the names
+      extra='',                   # more rows on top of full: 'name:key=value,key=value;name2:...'
+                                  # (keys under distill. or sampler., e.g. 'b3:distill.kl.beta=0.3')
+      seeds=1,                    # distillation runs per row, >= 1 (run seeds seed, seed+1, ...)
   ))
 
   cfg.logging = ml_collections.ConfigDict(dict(
@@ -371,6 +385,8 @@ _RANGES = {
     'sample.batch_size': (_positive, 'a positive number of sequences per sampler call'),
     'eval.judge_context': (lambda v: v >= 2, '>= 2 tokens'),
     'eval.judge_batch_size': (_positive, 'a positive batch size'),
+    'eval.extra_judge_context': (lambda v: v == 0 or v >= 2, '0 (each judge\'s longest) or >= 2'),
+    'ablation.seeds': (_positive, 'a positive number of distillation runs per row'),
     'eval.num_samples': (_positive, 'a positive number of samples'),
     'eval.bootstrap': (_non_negative, '>= 0 resamples'),
     'eval.nelbo_batches': (_non_negative, '>= 0'),
@@ -406,6 +422,23 @@ def _get(cfg, dotted):
   return node
 
 
+# Jobs that load judges: their judge names (and the 'demo-bytes' asset) are checked up front.
+JUDGING_JOBS = ('evaluate', 'sweep', 'ablate')
+
+
+def _check_judges(cfg) -> None:
+  """Judge names: listed without repeats; for judging jobs each one must resolve."""
+  extra = parse_list(cfg.eval.extra_judges, 'eval.extra_judges')
+  if cfg.eval.judge in extra:
+    raise ConfigError(f'--config.eval.extra_judges repeats eval.judge={cfg.eval.judge!r}: list '
+                      'only the further judges there')
+  if cfg.job in JUDGING_JOBS:
+    from didi_jax.evaluation import judges   # pylint: disable=import-outside-toplevel
+    judges.check_judge_name(cfg.eval.judge, 'eval.judge')
+    for name in extra:
+      judges.check_judge_name(name, 'eval.extra_judges')
+
+
 def tokenizer_vocab(name: str) -> int:
   return {'gpt2': 50257, 'byte': 257}[name]
 
@@ -428,6 +461,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     parse_list(_get(cfg, key), key, choices)
   parse_nfes(cfg.sweep.nfes, 'sweep.nfes')
   parse_nfes(cfg.sweep.teacher_nfes, 'sweep.teacher_nfes')
+  _check_judges(cfg)
   m = cfg.model
   if m.hidden_size % m.n_heads:
     raise ConfigError(f'model.hidden_size={m.hidden_size} is not divisible by model.n_heads='
@@ -512,6 +546,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f'distill.omega.max={d.omega.max} is below omega.min={d.omega.min}')
   if d.teacher_buffer.refresh_count > d.teacher_buffer.size:
     raise ConfigError('distill.teacher_buffer.refresh_count must be <= teacher_buffer.size')
+  if cfg.job == 'ablate':
+    from didi_jax import ablation            # pylint: disable=import-outside-toplevel
+    ablation.check(cfg)
   if cfg.job != 'pretrain' and s.precision == 'float64' and not jax.config.jax_enable_x64:
     raise ConfigError("sampler.precision='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 "
                       'in the environment, or use --config.sampler.precision=float32')

@@ -1,4 +1,4 @@
-"""The table of jobs: pretrain, distill, sample, evaluate, sweep and the end-to-end pipeline.
+"""The table of jobs: pretrain, distill, sample, evaluate, sweep, the end-to-end pipeline, ablate.
 
 Each job takes (config, workdir) and returns a summary dict; `didi_jax.main` dispatches through
 `JOBS` and nothing else.
@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from didi_jax import samples
+from didi_jax import ablation, samples
 from didi_jax.evaluation import evaluate, metrics, sweep
 from didi_jax.train import distill_loop, pretrain
 
@@ -91,4 +91,5 @@ JOBS = {
     'evaluate': evaluate_job,
     'sweep': sweep_job,
     'pipeline': pipeline_job,
+    'ablate': ablation.run,
 }

@@ -104,3 +104,49 @@ def curve(rows: Sequence[dict], path: str, *, x: str = 'nfe',
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)
   return CurvePlot(fig, labels, path)
+
+
+def ablation(entries: Sequence[dict], teacher: Sequence[dict], judges: Sequence[str], path: str,
+             title: str = '') -> Figure:
+  """The ablation figure: one Gen PPL panel per judge (log y) and an entropy panel, each against
+  NFE with one line per row (error bars: the sample interval) and the teacher dashed."""
+  fig = Figure(figsize=(5.2 * (len(judges) + 1), 4.6))
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, len(judges) + 1, squeeze=False)[0]
+  rows = list(dict.fromkeys(e['row'] for e in entries))
+  for name in rows:
+    es = sorted((e for e in entries if e['row'] == name), key=lambda e: e['nfe'])
+    xs = [e['nfe'] for e in es]
+    style = dict(marker='o', capsize=3, label=name,
+                 linestyle='-' if es[0]['group'] == 'chain' else ':')
+    for ax, j in zip(axes, judges):
+      js = [e['judges'][j] for e in es if j in e['judges']]
+      if len(js) == len(es):
+        ax.errorbar(xs, [r['gen_ppl'] for r in js], yerr=_errors(js, 'gen_ppl', 'gen_ppl_ci'),
+                    **style)
+    axes[-1].errorbar(xs, [e['entropy'] for e in es], yerr=_errors(es, 'entropy', 'entropy_ci'),
+                      **style)
+  ts = sorted(teacher, key=lambda t: t['nfe'])
+  if ts:
+    for ax, j in zip(axes, judges):
+      if all(j in t.get('judges', {}) for t in ts):
+        ax.plot([t['nfe'] for t in ts], [t['judges'][j]['gen_ppl'] for t in ts], 'k--',
+                linewidth=1, label='teacher')
+    axes[-1].plot([t['nfe'] for t in ts], [t['entropy'] for t in ts], 'k--', linewidth=1,
+                  label='teacher')
+  for ax, j in zip(axes, judges):
+    ax.set_ylabel(f'Gen PPL ({j})')
+    ax.set_yscale('log')
+  axes[-1].set_ylabel('unigram entropy (nats)')
+  for ax in axes:
+    ax.set_xscale('log', base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel(X_AXES['nfe'][0])
+    ax.grid(True, which='both', alpha=0.3)
+  axes[0].legend(fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  return fig
