@@ -42,26 +42,29 @@ from typing import Any, Callable, Optional
 os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
+# pylint: disable=wrong-import-position
+import copy  # noqa: E402
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
+from didi_jax import bench  # noqa: E402
 from didi_jax import config as config_lib  # noqa: E402
+from didi_jax import distill  # noqa: E402
 from didi_jax import errors  # noqa: E402
+from didi_jax import models  # noqa: E402
 from didi_jax import parallel  # noqa: E402
-from jax.experimental import topologies
-from didi_jax.train import pretrain
-from flax import nnx
-from didi_jax import networks
-from didi_jax.train import distill_loop
-from didi_jax.models.discriminator import Discriminator, Spectral
-from didi_jax.sampling import runner
-from didi_jax import bench
-from didi_jax.sampling import cost as cost_lib
-from didi_jax import distill
-import copy
-from absl import flags
-from ml_collections import config_flags
+from didi_jax.checkpoint import loader  # noqa: E402
+from didi_jax.models.discriminator import Spectral  # noqa: E402
+from didi_jax.sampling import cost as cost_lib  # noqa: E402
+from didi_jax.sampling import runner  # noqa: E402
+from didi_jax.train import distill_loop  # noqa: E402
+from didi_jax.train import pretrain  # noqa: E402
 
 GiB = 1024 ** 3
 JOBS = ('pretrain', 'distill', 'sample')
@@ -262,8 +265,8 @@ def build_pretrain(cfg, devices, concrete: bool = False) -> Program:
 
 
 def _random_teacher(cfg):
-  model = pretrain.build_model(cfg.model, seed=int(cfg.seed))
-  return networks.Network('teacher', cfg.model, nnx.graphdef(model), nnx.state(model, nnx.Param))
+  model = models.build(cfg.model, seed=int(cfg.seed))
+  return loader.Network('teacher', cfg.model, nnx.graphdef(model), nnx.state(model, nnx.Param))
 
 
 def build_distill(cfg, devices, concrete: bool = False) -> Program:
@@ -288,15 +291,15 @@ def _abstract_networks(cfg, concrete: bool):
   """(denoiser, discriminator or None) Networks for the sampler: abstract or random weights."""
   model_cfg = cfg.model
   build = (lambda f: f()) if concrete else nnx.eval_shape
-  model = build(lambda: pretrain.build_model(model_cfg, seed=int(cfg.seed)))
+  model = build(lambda: models.build(model_cfg, seed=int(cfg.seed)))
   gd, params = nnx.split(model, nnx.Param)
   role = cfg.sampler.network
-  den = networks.Network('student_ema' if role == 'student_ema' else role, model_cfg, gd, params)
+  den = loader.Network('student_ema' if role == 'student_ema' else role, model_cfg, gd, params)
   disc = None
   if cfg.sampler.kind == 'rgas':
-    dmodel = build(lambda: Discriminator(model_cfg, rngs=nnx.Rngs(int(cfg.seed))))
+    dmodel = build(lambda: models.build(model_cfg, 'discriminator', seed=int(cfg.seed)))
     dgd, dparams, spectral = nnx.split(dmodel, nnx.Param, Spectral)
-    disc = networks.Network('discriminator', model_cfg, dgd, dparams, spectral)
+    disc = loader.Network('discriminator', model_cfg, dgd, dparams, spectral)
   return den, disc
 
 

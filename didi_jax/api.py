@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from didi_jax import config as config_lib
-from didi_jax import networks
+from didi_jax import models
+from didi_jax.checkpoint import loader
 from didi_jax.checkpoint import importer
 from didi_jax.checkpoint import names
 from didi_jax.models import dit
@@ -37,13 +38,23 @@ def _check_dtype(dtype):
   return dtype
 
 
-def _from_workdir(source: str, role: str, dtype, weights: str = 'ema') -> tuple:
-  """(model, model config) of network `role` of a didi_jax run directory, rebuilt in `dtype`."""
-  net = networks.load(source, role, weights=weights)
+def _open(source: str):
+  """A run directory as is, anything else opened once (`importer.Source`)."""
+  return source if loader.checkpoint_dir(source) is not None else importer.open_source(source)
+
+
+def _load(source, role: str, dtype, size, length: int, weights: str = 'ema') -> tuple:
+  """(model, model config) of network `role` from `_open(...)` through the one loader, rebuilt
+  in `dtype` (a run directory's sizes come from its config; a file's from `size` or its shapes)."""
+  model_cfg = None
+  if isinstance(source, importer.Source):
+    kind = names.DISCRIMINATOR if role == 'discriminator' else names.DIT
+    model_cfg = _model_config(source, kind, size, dtype, length)
+  net = loader.load(source, role, model_cfg, weights=weights)
   cfg = net.model_cfg.copy_and_resolve_references()
   cfg.compute_dtype = _check_dtype(dtype).name
   cfg.dropout = 0.0
-  gd, _, _ = networks.build_abstract(cfg, discriminator=role == 'discriminator')
+  gd, _, _ = models.split_abstract(cfg, 'discriminator' if role == 'discriminator' else 'denoiser')
   parts = (net.params,) if net.spectral is None else (net.params, net.spectral)
   return nnx.merge(gd, *parts), cfg
 
@@ -135,16 +146,13 @@ def load_denoiser(source: str, dtype=jnp.float32, size: Union[None, str, object]
   EMA of a distillation run and the teacher (EMA weights unless weights='raw') of a pre-training
   run; size and length come from the run's own config.
   """
-  if networks.checkpoint_dir(source) is not None:
-    if network == 'auto':
-      network = 'student_ema' if networks.workdir_job(source) == 'distill' else 'teacher'
-    model, cfg = _from_workdir(source, network, dtype, weights)
-    return Denoiser(model, cfg, lambda m, x, s, soft: m(x, s, soft_input=soft))
-  src = importer.open_source(source)
-  cfg = _model_config(src, names.DIT, size, dtype, length)
+  source = _open(source)
   if network == 'auto':
-    network = 'student_ema' if importer.is_didi(src) else 'teacher'
-  model = importer.load_params(src, cfg, network, weights=weights)
+    if isinstance(source, importer.Source):
+      network = 'student_ema' if importer.is_didi(source) else 'teacher'
+    else:
+      network = 'student_ema' if loader.workdir_job(source) == 'distill' else 'teacher'
+  model, cfg = _load(source, network, dtype, size, length, weights)
   return Denoiser(model, cfg, lambda m, x, s, soft: m(x, s, soft_input=soft))
 
 
@@ -154,12 +162,7 @@ def load_discriminator(source: str, dtype=jnp.float32, size: Union[None, str, ob
 
   The callable takes ids (B, L) or, as the official model, soft-input logits (B, L, V), and σ (B,).
   """
-  if networks.checkpoint_dir(source) is not None:
-    model, cfg = _from_workdir(source, 'discriminator', dtype)
-  else:
-    src = importer.open_source(source)
-    cfg = _model_config(src, names.DISCRIMINATOR, size, dtype, length)
-    model = importer.load_params(src, cfg, 'discriminator')
+  model, cfg = _load(_open(source), 'discriminator', dtype, size, length)
   return DiscriminatorFn(model, cfg,
                          lambda m, x, s, soft: m(x, s, soft_input=soft, update_spectral=False))
 

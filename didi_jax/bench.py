@@ -43,9 +43,10 @@ import numpy as np
 
 from didi_jax import config as config_lib
 from didi_jax import distill
-from didi_jax import networks
+from didi_jax import models
 from didi_jax import parallel
-from didi_jax.models import discriminator as disc_lib
+from didi_jax.checkpoint import loader
+from didi_jax.models.discriminator import Spectral
 from didi_jax.sampling import cost as cost_lib
 from didi_jax.sampling import runner
 from didi_jax.train import distill_state as ds
@@ -298,7 +299,7 @@ def run_train(cfg, batch: int, warmup: int, iters: int) -> dict:
 
 
 def _random_teacher_params(model_cfg, seed: int = 0):
-  return jax.jit(lambda: nnx.state(pretrain.build_model(model_cfg, seed), nnx.Param))()
+  return jax.jit(lambda: nnx.state(models.build(model_cfg, seed=seed), nnx.Param))()
 
 
 def run_distill(cfg, batch: int, group: int, warmup: int, iters: int) -> dict:
@@ -327,19 +328,17 @@ def run_distill(cfg, batch: int, group: int, warmup: int, iters: int) -> dict:
 
 def _networks(cfg, with_disc: bool):
   model_cfg = cfg.model
-  gd = nnx.split(pretrain.abstract_model(model_cfg), nnx.Param)[0]
-  den = networks.Network('student_ema', model_cfg, gd, _random_teacher_params(model_cfg))
+  gd = models.split_abstract(model_cfg)[0]
+  den = loader.Network('student_ema', model_cfg, gd, _random_teacher_params(model_cfg))
   disc = None
   if with_disc:
-    abstract = nnx.eval_shape(lambda: disc_lib.Discriminator(model_cfg, rngs=nnx.Rngs(0)))
-    dgd = nnx.split(abstract, nnx.Param, disc_lib.Spectral)[0]
+    dgd = models.split_abstract(model_cfg, 'discriminator')[0]
 
     def init():
-      _, p, s = nnx.split(disc_lib.Discriminator(model_cfg, rngs=nnx.Rngs(1)), nnx.Param,
-                          disc_lib.Spectral)
+      _, p, s = nnx.split(models.build(model_cfg, 'discriminator', seed=1), nnx.Param, Spectral)
       return p, s
     params, spectral = jax.jit(init)()
-    disc = networks.Network('discriminator', model_cfg, dgd, params, spectral)
+    disc = loader.Network('discriminator', model_cfg, dgd, params, spectral)
   return den, disc
 
 

@@ -250,13 +250,13 @@ class Net:
   head: Callable[[PyTree], Tuple[Callable[[PyTree, Array], Array], PyTree]]
 
 
-def dit_net(graphdef: nnx.GraphDef) -> Net:
-  """`Net` view of a DiT graphdef (teacher and student)."""
+def denoiser_net(graphdef: nnx.GraphDef) -> Net:
+  """`Net` view of a denoiser graphdef (teacher and student; models.interface.Denoiser)."""
   def features(params, ids, sigma, dropout_key=None):
     return nnx.merge(graphdef, params).features(ids, sigma, dropout_key=dropout_key)
 
   def head(params):
-    linear_gd, linear_state = nnx.split(nnx.merge(graphdef, params).output_layer.linear)
+    linear_gd, linear_state = nnx.split(nnx.merge(graphdef, params).projection)
     return (lambda hp, f: nnx.merge(linear_gd, hp)(f)), linear_state
   return Net(features=features, head=head)
 
@@ -459,7 +459,7 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
   log-probs, both gradients), so an independent reference can recompute the iteration.
   """
   d = cfg.distill
-  net = dit_net(student_graphdef)
+  net = denoiser_net(student_graphdef)
   tx_student, tx_disc = ds.make_optimizers(cfg)
   sched_student, sched_disc = ds.schedules(cfg)
   regime = categorical.Regime.from_config(cfg.sampler)

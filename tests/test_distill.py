@@ -334,7 +334,7 @@ def test_fused_step_terms_match_direct_computation():
   tp = teacher_params(cfg, seed=0)
   sp = teacher_params(cfg, seed=1)
   gd = ds.make_graphdefs(cfg)[0]
-  net = distill.dit_net(gd)
+  net = distill.denoiser_net(gd)
   rng = np.random.default_rng(3)
   n = 3
   x = jnp.asarray(np.where(rng.random((n, LENGTH)) < 0.6, MASK,

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from didi_jax import networks, samples
+from didi_jax import samples
+from didi_jax.checkpoint import loader
 from didi_jax import main as main_lib
 from didi_jax.checkpoint.manager import Manager
 from didi_jax.data import pipeline
@@ -117,7 +118,7 @@ def test_evaluate_scores_a_samples_file(teacher_dir, shared_judge):
   nll, count = shared_judge('smollm2', JUDGE_CONTEXT).score_texts(texts, 8)
   assert rec['gen_ppl'] == pytest.approx(np.exp(nll.sum() / count.sum()), rel=1e-9)
   assert rec['gen_ppl_ci'][0] <= rec['gen_ppl'] <= rec['gen_ppl_ci'][1]
-  assert rec['entropy'] == pytest.approx(metrics.unigram_entropy(ids).mean())
+  assert rec['entropy'] == pytest.approx(samples.unigram_entropy(ids).mean())
   assert 'repeated_4gram_rate' in rec and rec['mean_sample_ppl'] > 0
   # Data reference and NELBO (network loaded from the samples file's source).
   assert 0 < rec['data_entropy']['entropy'] < np.log(64)
@@ -228,7 +229,7 @@ def test_sweep_float64_row_is_scoped(tmp_path, teacher_dir):
 def write_initial_distill_run(cfg, teacher_dir: str, workdir: str) -> None:
   """A distillation workdir at iteration 0 (student = EMA = teacher, fresh discriminator head),
   saved the way distill_loop does; avoids compiling a training iteration in this test."""
-  teacher = networks.load(teacher_dir, 'teacher')
+  teacher = loader.load(teacher_dir, 'teacher')
   state = jax.jit(lambda p, k: distill_state.init_distill_state(cfg, p, k))(
       teacher.params, jax.random.PRNGKey(3))
   mngr = Manager(os.path.join(workdir, 'checkpoints'), async_save=False)

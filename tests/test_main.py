@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from didi_jax import api, artifacts, errors, jobs, networks
+from didi_jax import api, artifacts, errors, jobs
+from didi_jax.checkpoint import loader
 from didi_jax import config as config_lib
 from didi_jax import main as cli
 from didi_jax.train import common
@@ -50,7 +51,7 @@ def test_a_stopped_stage_ends_the_pipeline_and_a_rerun_resumes_it(tmp_path, monk
   out = cli.run_job(smoke_cfg(tmp_path, **over), work)
   assert out['stopped'] == 'pretrain' and out['pretrain']['step'] == 2
   assert 'distill' not in out and not swept
-  assert networks.checkpoint_dir(work) is None                 # no distillation checkpoint
+  assert loader.checkpoint_dir(work) is None                 # no distillation checkpoint
   # 2. Re-run: the teacher finishes; SIGTERM during distillation: no sweep of a partial student.
   monkeypatch.setattr(common, 'StopFlag', stop_in_flag(2, 2))
   out = cli.run_job(smoke_cfg(tmp_path, **over), work)
@@ -85,7 +86,7 @@ def _bad_files(tmp_path):
 def test_unreadable_teacher_files_are_user_errors(tmp_path):
   for name, path in _bad_files(tmp_path).items():
     with pytest.raises(errors.CheckpointError) as info:
-      networks.load(path, 'teacher')
+      loader.load(path, 'teacher')
     message = str(info.value)
     assert path in message and '\n' not in message.strip(), (name, message)
 
@@ -191,7 +192,7 @@ def test_api_loads_run_directories(tmp_path):
   work = str(tmp_path / 'teacher')
   cli.run_job(smoke_cfg(tmp_path, **{'job': 'pretrain', 'pretrain.num_steps': 2}), work)
   den = api.load_denoiser(work)
-  net = networks.load(work, 'teacher')
+  net = loader.load(work, 'teacher')
   L = net.model_cfg.length
   ids = jax.random.randint(jax.random.key(0), (2, L), 0, net.model_cfg.vocab_size)
   sigma = jnp.zeros((2,))

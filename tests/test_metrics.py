@@ -11,6 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 from scipy.special import logsumexp
 
+from didi_jax import samples
 from didi_jax.data.tokenizers import get_tokenizer
 from didi_jax.evaluation import judges, metrics
 
@@ -149,7 +150,7 @@ def test_unigram_entropy_closed_forms():
   L = 64
   ids = np.stack([np.full(L, 7), np.arange(L), np.repeat([3, 5], L // 2),
                   np.random.default_rng(0).integers(0, 9, L)])
-  h = metrics.unigram_entropy(ids)
+  h = samples.unigram_entropy(ids)
   c = np.bincount(ids[3]) / L
   c = c[c > 0]
   np.testing.assert_allclose(h, [0.0, np.log(L), np.log(2), -np.sum(c * np.log(c))], atol=1e-12)
@@ -158,9 +159,9 @@ def test_unigram_entropy_closed_forms():
 def test_repeated_ngram_rate_closed_forms():
   ids = np.stack([np.full(10, 1), np.arange(10), np.array([1, 2, 3] * 3 + [9])])
   # all-same: 7 four-grams, 1 distinct; distinct: none repeat; period 3: 7 grams, 3 distinct.
-  np.testing.assert_allclose(metrics.repeated_ngram_fraction(ids, 4), [6 / 7, 0.0, 3 / 7])
-  assert metrics.repeated_ngram_rate(ids, 4) == pytest.approx((6 / 7 + 3 / 7) / 3)
-  np.testing.assert_allclose(metrics.repeated_ngram_fraction(ids[1:2], 1), [0.0])
+  np.testing.assert_allclose(samples.repeated_ngram_fraction(ids, 4), [6 / 7, 0.0, 3 / 7])
+  assert samples.repeated_ngram_rate(ids, 4) == pytest.approx((6 / 7 + 3 / 7) / 3)
+  np.testing.assert_allclose(samples.repeated_ngram_fraction(ids[1:2], 1), [0.0])
 
 
 def test_bootstrap_interval_brackets_the_estimate():

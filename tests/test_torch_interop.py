@@ -275,7 +275,7 @@ def test_safetensors_exports_load_in_safetensors_torch(tmp_path):
   for k, v in ema.items():
     assert_same(got[k], v if k == names.INV_FREQ else v.astype(ml_dtypes.bfloat16), k)
   # A discriminator model object (params + spectral u, v), and the HF directory layout.
-  model = importer.load_params(str(exporter.export_hf_didi(
+  model = ck.loader_model(str(exporter.export_hf_didi(
       str(tmp_path / 'hf'), student_ema=ours['student_ema'], discriminator=ours['discriminator'],
       discriminator_spectral=ours['discriminator_spectral'], model_cfg=cfg)), cfg, 'discriminator')
   for path, want in ((tmp_path / 'hf' / 'model.safetensors', ema),

@@ -31,7 +31,7 @@ from flax import nnx
 import numpy as np
 
 from didi_jax import config as config_lib
-from didi_jax import networks
+from didi_jax.checkpoint import loader
 from didi_jax.checkpoint import exporter
 from didi_jax.checkpoint import importer
 from didi_jax.checkpoint import names
@@ -167,30 +167,30 @@ def parser() -> argparse.ArgumentParser:
 
 def read_run_groups(path: str, role: str, weights: str):
   """(role, model config, groups) from a didi_jax run directory, or None if `path` is not one."""
-  if networks.checkpoint_dir(path) is None:
+  if loader.checkpoint_dir(path) is None:
     return None
-  cfg, mngr = networks.read_workdir_config(path)
+  cfg, mngr = loader.read_workdir_config(path)
   job = mngr.read_meta().get('job')
   mngr.close()
   if job == 'pretrain':
     if role not in ('auto', 'teacher'):
       raise importer.CheckpointError(f'{path} is a pre-training run: it holds a teacher only')
-    net = networks.load(path, 'teacher', weights=weights)
+    net = loader.load(path, 'teacher', weights=weights)
     return 'teacher', net.model_cfg, {'teacher': nnx.to_pure_dict(net.params)}
   role = 'didi' if role == 'auto' else role
   groups = {}
   if role in ('student', 'didi'):
-    groups['student_ema'] = nnx.to_pure_dict(networks.load(path, 'student_ema').params)
+    groups['student_ema'] = nnx.to_pure_dict(loader.load(path, 'student_ema').params)
   if role == 'didi':
-    groups['student'] = nnx.to_pure_dict(networks.load(path, 'student').params)
+    groups['student'] = nnx.to_pure_dict(loader.load(path, 'student').params)
   if role in ('discriminator', 'didi'):
-    disc = networks.load(path, 'discriminator')
+    disc = loader.load(path, 'discriminator')
     groups['discriminator'] = nnx.to_pure_dict(disc.params)
     groups['discriminator_spectral'] = nnx.to_pure_dict(disc.spectral)
   if role == 'teacher':
     raise importer.CheckpointError(f'{path} is a distillation run: its teacher came from '
                                    f'{cfg.teacher.checkpoint!r}, convert that instead')
-  model_cfg = networks._model_cfg(cfg.model.to_dict())  # pylint: disable=protected-access
+  model_cfg = loader._model_cfg(cfg.model.to_dict())  # pylint: disable=protected-access
   return role, model_cfg, groups
 
 

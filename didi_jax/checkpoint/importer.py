@@ -18,7 +18,7 @@ All problems of one network are reported in ONE `CheckpointError` with the fix. 
 are read from Lightning files: optimizer states, loops and hyper-parameters are never touched.
 
 Results are pure dicts of host numpy float32 arrays in our tree layout (`nnx.replace_by_pure_dict`
-takes them); `load_params` returns a ready nnx model.
+takes them); `didi_jax.checkpoint.loader` builds the networks from them.
 """
 from __future__ import annotations
 
@@ -29,16 +29,12 @@ import logging
 import os
 from typing import Any, Mapping, Optional
 
-from flax import nnx
-import jax.numpy as jnp
 import numpy as np
 
 from didi_jax import config as config_lib
 from didi_jax import errors
 from didi_jax.checkpoint import names
 from didi_jax.checkpoint import torch_ckpt
-from didi_jax.models.discriminator import Discriminator
-from didi_jax.models.dit import DiT
 
 log = logging.getLogger(__name__)
 
@@ -706,34 +702,6 @@ def source_model_config(source, role: str = names.DIT, *, length: int = 1024):
 
 # ----------------------------------------------------------------------------------------------
 # Models.
-
-
-def load_params(source, model_cfg=None, role: str = 'teacher', *, weights: str = 'ema'):
-  """An nnx model with imported weights. role: teacher | student | student_ema | discriminator."""
-
-  src = open_source(source) if not isinstance(source, Source) else source
-  cfg = as_model_config(model_cfg)
-  if cfg is None:
-    cfg = source_model_config(src, names.DISCRIMINATOR if role == 'discriminator' else names.DIT)
-  if role == 'discriminator':
-    params, spectral = import_discriminator(src, cfg)
-    tree = merge_trees(params, spectral)
-    cls = Discriminator
-  elif role in ('teacher', 'student', 'student_ema'):
-    tree = import_dit(src, cfg, network=role, weights=weights)
-    cls = DiT
-  else:
-    raise ValueError(f"role={role!r}: use 'teacher', 'student', 'student_ema' or 'discriminator'")
-  abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  want = set(flatten_tree(nnx.to_pure_dict(state)))
-  got = set(flatten_tree(tree))
-  if want != got:   # guards names.official_shapes against drift from the model code
-    raise CheckpointError(
-        f'internal mismatch between the importer and {cls.__name__}: missing '
-        f'{sorted(map(str, want - got))[:5]}, extra {sorted(map(str, got - want))[:5]}')
-  nnx.replace_by_pure_dict(state, _tree_map(jnp.asarray, tree))
-  return nnx.merge(graphdef, state)
 
 
 def merge_trees(a: Mapping, b: Mapping) -> dict:

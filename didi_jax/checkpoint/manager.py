@@ -85,13 +85,47 @@ class Manager:
           'use the config it was written with (see its meta), or a fresh --workdir') from e
     return unflatten(target, out['state']), out['data'], out['meta']
 
-  def stored_keys(self, step: int):
+  def restore_subset(self, flat_target: dict, step: Optional[int] = None) -> dict:
+    """Restores only the flat keys of `flat_target` ({'ema.blocks.0.x': ShapeDtypeStruct}) from
+    the state of `step` (default: latest): loading one network reads nothing else, and needs no
+    knowledge of the optimiser or the rest of the train state."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'no checkpoint in {self.directory}')
+    stored = self.stored_keys(step)
+    missing = sorted(set(flat_target) - (stored or set()))
+    if missing:
+      raise CheckpointError(
+          f'checkpoint {self.directory}/{step} lacks {missing[:4]}'
+          f'{"..." if len(missing) > 4 else ""}: it was written for another model config')
+    abstract = {k: _abstract(v) for k, v in flat_target.items()}
+    restore_args = {k: ocp.ArrayRestoreArgs(dtype=v.dtype, global_shape=v.shape,
+                                            sharding=v.sharding or _host_sharding())
+                    for k, v in abstract.items()}
+    path = os.path.join(self.directory, str(step), 'state')
+    try:
+      with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=restore_args, partial_restore=True))
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(f'checkpoint {self.directory}/{step} does not match this model '
+                            f'config ({_short(e)})') from e
+
+  def stored_keys(self, step: int) -> Optional[set]:
+    """The flat keys of the state stored at `step` (None if its metadata cannot be read)."""
     try:
       meta = self._mngr.item_metadata(step)
       tree = meta['state'] if 'state' in meta else None
-      if tree is None:
-        return None
-      return set(tree.keys())
+      if tree is None:   # the item's handler is not registered yet: read the tree metadata
+        absl_logger = logging.getLogger('absl')
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)   # "Metadata file does not exist": expected here
+        try:
+          with ocp.PyTreeCheckpointer() as ckptr:
+            tree = ckptr.metadata(os.path.join(self.directory, str(step), 'state')).item_metadata
+        finally:
+          absl_logger.setLevel(level)
+      return set(tree.keys()) if tree is not None else None
     except Exception:  # pylint: disable=broad-except
       return None
 
@@ -147,6 +181,10 @@ def _abstract(x):
   if isinstance(x, jax.ShapeDtypeStruct):
     return x
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None))
+
+
+def _host_sharding():
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _short(e: Exception) -> str:

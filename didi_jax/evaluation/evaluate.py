@@ -70,7 +70,7 @@ def data_reference(cfg, length: int, num_blocks: int, n_bootstrap: int, seed: in
   and, when a `judge` is given, its Gen PPL of the same blocks decoded to text (what a perfect
   generator would score under this judge and context)."""
   blocks = pipeline.eval_batches(cfg.data, int(length), int(num_blocks), 1)[0]
-  ent_S = metrics.unigram_entropy(blocks)
+  ent_S = samples.unigram_entropy(blocks)
   out = {'entropy': float(np.mean(ent_S)),
          'entropy_ci': list(metrics.bootstrap_ci(lambda x: float(np.mean(x)), [ent_S],
                                                  n_bootstrap, seed)),

@@ -1,5 +1,6 @@
-"""Sample-quality statistics (docs/method.md §10): Gen PPL, unigram entropy, bootstrap intervals, n-gram
-repetition. All host-side NumPy, float64.
+"""Sample-quality statistics (docs/method.md §10): Gen PPL, bootstrap intervals and the summary
+of a judged sample set (with the judge-free statistics of `didi_jax.samples`). All host-side
+NumPy, float64.
 """
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from didi_jax import samples
+
 CI_LEVEL = 0.95
 DEFAULT_BOOTSTRAP = 1000
-DEFAULT_NGRAM = 4
 
 
 def gen_ppl(nll_sum_S: np.ndarray, count_S: np.ndarray) -> float:
@@ -28,41 +30,6 @@ def mean_sample_ppl(nll_sum_S: np.ndarray, count_S: np.ndarray) -> float:
   if not keep.any():
     raise ValueError('no sample has a counted judge token: nothing to average')
   return float(np.mean(np.exp(nll[keep] / count[keep])))
-
-
-def unigram_entropy(ids_SxL: np.ndarray) -> np.ndarray:
-  """Per-sample unigram entropy in nats, H = −Σ_v (c_v/L) ln(c_v/L); float64 (S,)."""
-  ids = np.sort(np.asarray(ids_SxL), axis=1)
-  S, L = ids.shape
-  # Run lengths of equal ids in each sorted row are the counts c_v.
-  starts = np.ones((S, L), bool)
-  starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-  out = np.empty((S,), np.float64)
-  for s in range(S):
-    idx = np.flatnonzero(starts[s])
-    p = np.diff(np.append(idx, L)) / L
-    out[s] = -np.sum(p * np.log(p))
-  return out
-
-
-def repeated_ngram_fraction(ids_SxL: np.ndarray, n: int = DEFAULT_NGRAM) -> np.ndarray:
-  """Per sample, the fraction of its n-grams that repeat an earlier n-gram of the same sample
-  (1 − distinct/total); float64 (S,). Judge-free diversity statistic."""
-  ids = np.asarray(ids_SxL)
-  S, L = ids.shape
-  if not 1 <= n <= L:
-    raise ValueError(f'n-gram order n={n} must lie in [1, sample length {L}]')
-  grams = np.lib.stride_tricks.sliding_window_view(ids, n, axis=1)   # (S, L−n+1, n)
-  out = np.empty((S,), np.float64)
-  for s in range(S):
-    distinct = np.unique(grams[s], axis=0).shape[0]
-    out[s] = 1.0 - distinct / grams.shape[1]
-  return out
-
-
-def repeated_ngram_rate(ids_SxL: np.ndarray, n: int = DEFAULT_NGRAM) -> float:
-  """Mean over samples of `repeated_ngram_fraction`."""
-  return float(np.mean(repeated_ngram_fraction(ids_SxL, n)))
 
 
 def bootstrap_ci(stat_fn: Callable[..., float], arrays: Sequence[np.ndarray],
@@ -92,7 +59,7 @@ def _mean(x: np.ndarray) -> float:
 
 def summarize(nll_sum_S: np.ndarray, count_S: np.ndarray, ids_SxL: Optional[np.ndarray] = None,
               *, n_bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0,
-              ngram: int = DEFAULT_NGRAM) -> dict:
+              ngram: int = samples.DEFAULT_NGRAM) -> dict:
   """Gen PPL (+95% CI), mean per-sample PPL and, given model ids, entropy (+CI) and repetition."""
   out = {
       'num_samples': int(np.asarray(count_S).shape[0]),
@@ -102,8 +69,8 @@ def summarize(nll_sum_S: np.ndarray, count_S: np.ndarray, ids_SxL: Optional[np.n
       'mean_sample_ppl': mean_sample_ppl(nll_sum_S, count_S),
   }
   if ids_SxL is not None:
-    ent = unigram_entropy(ids_SxL)
+    ent = samples.unigram_entropy(ids_SxL)
     out['entropy'] = _mean(ent)
     out['entropy_ci'] = bootstrap_ci(_mean, [ent], n_bootstrap, seed)
-    out[f'repeated_{ngram}gram_rate'] = repeated_ngram_rate(ids_SxL, ngram)
+    out[f'repeated_{ngram}gram_rate'] = samples.repeated_ngram_rate(ids_SxL, ngram)
   return out

@@ -29,7 +29,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from didi_jax import artifacts, networks, parallel, samples
+from didi_jax import artifacts, parallel, samples
+from didi_jax.checkpoint import loader
 from didi_jax import config as config_lib
 from didi_jax.data.tokenizers import get_tokenizer
 from didi_jax.evaluation import evaluate, judges, plots
@@ -77,7 +78,7 @@ def parse_nfes(text: str, key: str) -> list[int]:
 
 
 def _latest_step(source: str) -> Optional[int]:
-  ckpt = networks.checkpoint_dir(source)
+  ckpt = loader.checkpoint_dir(source)
   if ckpt is None:
     return None
   steps = [int(n) for n in os.listdir(ckpt) if n.isdigit()]
@@ -86,9 +87,9 @@ def _latest_step(source: str) -> Optional[int]:
 
 def _workdir_job(source: str) -> Optional[str]:
   """'pretrain' / 'distill' for a didi_jax workdir, None for other sources."""
-  if networks.checkpoint_dir(source) is None:
+  if loader.checkpoint_dir(source) is None:
     return None
-  _, mngr = networks.read_workdir_config(source)
+  _, mngr = loader.read_workdir_config(source)
   try:
     return mngr.read_meta().get('job')
   finally:
@@ -137,8 +138,8 @@ class Models:
       if not source:
         raise ValueError('no AR baseline: set --config.sweep.ar_checkpoint to a model.kind=ar '
                          'pretrain workdir (or gpt2 / hf:ORG/NAME / a HF GPT-2 dir)')
-      if networks.checkpoint_dir(source) is not None:
-        acfg, mngr = networks.read_workdir_config(source)
+      if loader.checkpoint_dir(source) is not None:
+        acfg, mngr = loader.read_workdir_config(source)
         mngr.close()
         if acfg.model.kind != 'ar':
           raise ValueError(f'sweep.ar_checkpoint={source} holds a {acfg.model.kind!r} model: '
@@ -168,7 +169,7 @@ class Models:
             f'{time.time() - t0:.1f}s', flush=True)
     if need_disc and entry.nets[1] is None and not entry.disc_error:
       try:
-        entry.nets = (entry.nets[0], networks.load(entry.source, 'discriminator'))
+        entry.nets = (entry.nets[0], loader.load(entry.source, 'discriminator'))
       except (FileNotFoundError, ValueError, KeyError) as err:
         entry.disc_error = f'no discriminator in {entry.source}: {err}'
     if need_disc and entry.disc_error:
@@ -177,8 +178,8 @@ class Models:
 
   def _load_ar(self, entry: ModelEntry):
     tok = get_tokenizer(self.cfg.data.tokenizer)
-    if networks.checkpoint_dir(entry.source) is not None:
-      net = networks.load(entry.source, 'ar', weights=self.cfg.teacher.weights)
+    if loader.checkpoint_dir(entry.source) is not None:
+      net = loader.load(entry.source, 'ar', weights=self.cfg.teacher.weights)
       model, model_cfg = net.model(), net.model_cfg
     else:
       model = causal_lm.load_gpt2(entry.source)

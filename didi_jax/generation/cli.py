@@ -13,7 +13,7 @@ from didi_jax.generation.core import SAMPLERS
 from didi_jax import generation
 from didi_jax.generation import core, prompts as prompts_lib
 import jax
-from didi_jax import networks
+from didi_jax.checkpoint import loader
 import numpy as np
 
 DESCRIPTION = r"""Generate text with a masked diffusion model: prefixes, suffixes, infilling, long outputs.
@@ -155,7 +155,7 @@ def run(args) -> int:
       raise core.GenerationError('--reward_words needs a tokenizer: pass --tokenizer')
     reward = generation.words(gen.tokenizer, args.reward_words.split(','), args.reward_weight)
   elif args.classifier:
-    net = networks.load(core.resolve_source(args.classifier), 'discriminator')
+    net = loader.load(core.resolve_source(args.classifier), 'discriminator')
     net = core.disc_with_compute_dtype(net, args.compute_dtype)
     reward = generation.ClassifierReward(net, weight=args.reward_weight)
 

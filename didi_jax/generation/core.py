@@ -41,18 +41,19 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from didi_jax import config as config_lib
 from didi_jax import errors
+from didi_jax import models
 from didi_jax import parallel
+from didi_jax.checkpoint import loader
+from didi_jax.data.tokenizers import get_tokenizer
 from didi_jax.generation import prompts as prompts_lib
 from didi_jax.generation import rewards as rewards_lib
 from didi_jax.sampling import categorical
-from didi_jax.sampling import sample_from_config
 from didi_jax.sampling import cost as cost_lib
-from jax.experimental import multihost_utils
-from didi_jax import networks
-from didi_jax.data.tokenizers import get_tokenizer
+from didi_jax.sampling import sample_from_config
 
 SAMPLERS = ('ancestral', 'cached', 'rgas', 'sparse')
 NETWORKS = ('auto', 'teacher', 'student', 'student_ema')
@@ -272,7 +273,7 @@ class Generator:
         model = nnx.merge(graphdef, params)
         net = lambda x, s: model(x, s)  # noqa: E731
         features = lambda x, s: model.features(x, s)  # noqa: E731
-        project = lambda h: model.output_layer.linear(h)  # noqa: E731
+        project = model.projection
       else:
         net = fn_net
       if with_steps:
@@ -611,7 +612,7 @@ def resolve_source(source: str) -> str:
     raise GenerationError(f'checkpoint {source!r} does not exist: pass a didi_jax run directory, '
                           "a checkpoint file, hf:ORG/NAME, or 'demo' (the shipped demo teacher)")
   if os.path.isdir(path):
-    if networks.checkpoint_dir(path) is None:
+    if loader.checkpoint_dir(path) is None:
       names = os.listdir(path)
       known = {'model.safetensors', 'pytorch_model.bin', 'discriminator.safetensors',
                'model.safetensors.index.json'}
@@ -649,12 +650,13 @@ def _with_compute_dtype(net, compute_dtype: str, discriminator: bool = False):
     return net
   cfg = copy.deepcopy(net.model_cfg)
   cfg.compute_dtype = compute_dtype
-  graphdef = networks.build_abstract(cfg, discriminator=discriminator)[0]
+  graphdef = models.split_abstract(
+      cfg, 'discriminator' if discriminator else 'denoiser')[0]
   return dataclasses.replace(net, model_cfg=cfg, graphdef=graphdef)
 
 
 def disc_with_compute_dtype(disc, compute_dtype: str):
-  """`_with_compute_dtype` for a discriminator (networks.Network of role discriminator)."""
+  """`_with_compute_dtype` for a discriminator (loader.Network of role discriminator)."""
   return _with_compute_dtype(disc, compute_dtype, discriminator=True)
 
 
@@ -667,7 +669,7 @@ def load(model, *, network: str = 'auto', tokenizer=None, compute_dtype: str = '
   discriminator), a checkpoint file or directory `didi_jax.load_denoiser` reads (official
   Lightning `.ckpt`, HF safetensors, our exports), `hf:ORG/NAME`, 'demo' or
   `didi_jax/assets/demo_teacher/` (the shipped demo teacher); or a loaded object: a Generator,
-  `networks.Network`, `didi_jax.load_denoiser(...)`, a `DiT` module, or a plain callable
+  `loader.Network`, `didi_jax.load_denoiser(...)`, a `DiT` module, or a plain callable
   `(ids_BxL, sigma_B) -> logits_BxLxV` (then pass vocab_size=, and length= for its window).
   network: 'auto' | 'teacher' | 'student' | 'student_ema' (which network of a source).
   tokenizer: a name ('gpt2', 'byte') or an object; default from the run's config or the
@@ -681,32 +683,32 @@ def load(model, *, network: str = 'auto', tokenizer=None, compute_dtype: str = '
   disc_loader = None
   if isinstance(model, (str, os.PathLike)):
     source = resolve_source(os.fspath(model))
-    if networks.checkpoint_dir(source) is not None:
-      cfg, mngr = networks.read_workdir_config(source)
+    if loader.checkpoint_dir(source) is not None:
+      cfg, mngr = loader.read_workdir_config(source)
       job = mngr.read_meta().get('job')
       mngr.close()
       role = network if network != 'auto' else ('teacher' if job == 'pretrain' else 'student_ema')
-      net = networks.load(source, role, weights=weights)
+      net = loader.load(source, role, weights=weights)
       if tokenizer is None and 'data' in cfg:
         tokenizer = cfg.data.tokenizer
       label = role
     else:
       role = 'teacher' if network == 'auto' else network   # importer: 'auto' for the teacher
-      net = networks.load(source, role, weights=weights)
+      net = loader.load(source, role, weights=weights)
       label = role if network != 'auto' else 'auto'
     if discriminator is None:
       disc_loader = lambda: disc_with_compute_dtype(  # noqa: E731
-          networks.load(source, 'discriminator'), compute_dtype)
+          loader.load(source, 'discriminator'), compute_dtype)
     net = _with_compute_dtype(net, compute_dtype)
     return _from_network(net, tokenizer, discriminator, disc_loader, source, label, jit_kwargs,
                          devices)
-  if isinstance(model, networks.Network):
+  if isinstance(model, loader.Network):
     _check(model.role != 'discriminator', 'model is a discriminator: pass the denoiser, and '
            'the discriminator as discriminator=')
     return _from_network(model, tokenizer, discriminator, None, model.source, model.role,
                          jit_kwargs, devices)
   if hasattr(model, 'graphdef') and hasattr(model, 'state') and hasattr(model, 'model_cfg'):
-    net = networks.Network('auto', model.model_cfg, model.graphdef, model.state)
+    net = loader.Network('auto', model.model_cfg, model.graphdef, model.state)
     return _from_network(net, tokenizer, discriminator, None, '', 'auto', jit_kwargs, devices)
   if isinstance(model, nnx.Module):
     graphdef, state = nnx.split(model)
@@ -731,11 +733,11 @@ def _as_disc(discriminator):
   if discriminator is None:
     return None
   if isinstance(discriminator, (str, os.PathLike)):
-    return networks.load(resolve_source(os.fspath(discriminator)), 'discriminator')
-  if not isinstance(discriminator, networks.Network):
+    return loader.load(resolve_source(os.fspath(discriminator)), 'discriminator')
+  if not isinstance(discriminator, loader.Network):
     reward = rewards_lib.ClassifierReward(discriminator)
     trees = reward.trees()
-    discriminator = networks.Network('discriminator', reward.model_cfg, reward.graphdef,
+    discriminator = loader.Network('discriminator', reward.model_cfg, reward.graphdef,
                                      trees[0], trees[1] if len(trees) > 1 else None)
   if discriminator.spectral is None:
     # A loaded module's (or DiscriminatorFn's) state holds its spectral u, v with the params.

@@ -14,7 +14,7 @@ here turn a user's reward into one, leaving the discriminator path as it is:
   (`region` marks the output's positions of the window). Not differentiable, so RGAS only
   re-ranks (`rerank_ratio=1`). `host=True` runs a NumPy/Python fn through `jax.pure_callback`.
 * `ClassifierReward(net)`: a loaded classifier with the discriminator's contract (a didi_jax
-  `Discriminator`, `networks.Network` of role discriminator, or `didi_jax.load_discriminator(...)`).
+  `Discriminator`, `loader.Network` of role discriminator, or `didi_jax.load_discriminator(...)`).
 * `words(tokenizer, words, weight)`: steer toward (weight > 0) or away from (weight < 0) a word
   list: a TokenReward whose per-token score is the soft count of the words starting there.
 
@@ -129,7 +129,7 @@ class ClassifierReward(Reward):
   def __init__(self, classifier, *, weight: float = 1.0):
     super().__init__(weight)
     self.model_cfg = getattr(classifier, 'model_cfg', None)
-    if hasattr(classifier, 'graphdef') and hasattr(classifier, 'spectral'):   # networks.Network
+    if hasattr(classifier, 'graphdef') and hasattr(classifier, 'spectral'):   # loader.Network
       self.graphdef = classifier.graphdef
       self._trees = (classifier.params, classifier.spectral)
       if classifier.spectral is None:
@@ -141,7 +141,7 @@ class ClassifierReward(Reward):
       self._trees = (state,)
     else:
       raise TypeError(f'{type(classifier).__name__} is not a loaded classifier: pass a '
-                      'Discriminator, networks.load(..., "discriminator") or '
+                      'Discriminator, loader.load(..., "discriminator") or '
                       'didi_jax.load_discriminator(...)')
 
   def trees(self) -> tuple:

@@ -245,8 +245,9 @@ class DiT(DiTTrunk):
   """Teacher / student denoiser: (ids or soft input, σ) -> raw logits (B, L, V).
 
   A soft input (B, L, V) is logits by default, as in the official model (softmax inside);
-  soft_input='probs' reads it as probabilities.
+  soft_input='probs' reads it as probabilities. Implements `models.interface.Denoiser`.
   """
+  trunk_modules = ('vocab_embed', 'sigma_map', 'blocks')
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
@@ -263,6 +264,11 @@ class DiT(DiTTrunk):
     """The output layer's input after final LN + adaLN (B, L, D), for row-sparse projections."""
     h, c = self.trunk(x, sigma_B, soft_input=soft_input, dropout_key=dropout_key)
     return self.output_layer.modulated(h, c)
+
+  @property
+  def projection(self) -> Linear:
+    """features (B, L, D) -> logits (B, L, V), position by position."""
+    return self.output_layer.linear
 
 
 def count_params(module: nnx.Module) -> int:

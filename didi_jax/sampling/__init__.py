@@ -49,7 +49,7 @@ def sample_from_config(sampler_cfg, key: jax.Array, batch_size: int, length: int
   if sparse:
     if features_fn is None or project_fn is None:
       raise ValueError('sampler.sparse_reveal needs features_fn and project_fn (e.g. '
-                       'model.features and model.output_layer.linear)')
+                       'model.features and model.projection)')
     capacity = float(sampler_cfg.get('sparse_capacity', _ancestral.DEFAULT_SPARSE_CAPACITY))
     return sparse_ancestral_sample(features_fn, project_fn, key, batch_size, length, mask_id,
                                    capacity_factor=capacity, x_init=x_init, **kwargs)

@@ -58,7 +58,7 @@ def make_sample_fn(sampler_cfg, denoiser, disc=None, *, batch_size: int, length:
     return sample_from_config(sampler_cfg, key, batch_size, length, mask_id,
                               denoise_fn=denoise, disc_fn=disc_fn,
                               features_fn=lambda x, s: model.features(x, s),
-                              project_fn=lambda h: model.output_layer.linear(h),
+                              project_fn=model.projection,
                               x_init=x_init)
   return jax.jit(fn)
 
@@ -91,7 +91,7 @@ def network_shardings(mesh, denoiser, disc=None):
 
 def generate(sampler_cfg, denoiser, disc=None, *, num_samples: int, batch_size: int,
              seed: int, mesh=None, log_every: int = 0) -> SampleResult:
-  """Draws `num_samples` sequences with `sampler_cfg` from `denoiser` (a networks.Network)."""
+  """Draws `num_samples` sequences with `sampler_cfg` from `denoiser` (a loader.Network)."""
   if sampler_cfg.kind == 'rgas' and disc is None:
     raise ValueError("sampler.kind='rgas' needs a discriminator: sample a distillation run's "
                      "student, or use --config.sampler.kind=ancestral")

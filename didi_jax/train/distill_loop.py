@@ -16,16 +16,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from didi_jax import distill, networks, parallel
+from didi_jax import distill, models, parallel, samples
+from didi_jax.checkpoint import loader
 from didi_jax.checkpoint import importer
 from didi_jax.checkpoint.manager import Manager
 from didi_jax.data import pipeline
-from didi_jax.evaluation import metrics
 from didi_jax.models.discriminator import Spectral
-from didi_jax.models.dit import DiT
 from didi_jax.sampling import runner as sampling_runner
 from didi_jax.train import common
 from didi_jax.train import distill_state as ds
+from didi_jax.train import loop
 from didi_jax.train import pretrain
 
 SIZE_KEYS = ('hidden_size', 'n_blocks', 'n_heads', 'mlp_dim', 'cond_dim', 'vocab_size', 'length')
@@ -52,13 +52,13 @@ def load_teacher(cfg):
     raise FileNotFoundError('distill needs a teacher: set --config.teacher.checkpoint=PATH '
                             '(a pretrain workdir, a .ckpt/.safetensors file, or hf:ORG/NAME)')
   source = cfg.teacher.checkpoint
-  model_cfg = None if networks.checkpoint_dir(source) else cfg.model
-  return networks.load(source, 'teacher', model_cfg, weights=cfg.teacher.weights)
+  model_cfg = None if loader.checkpoint_dir(source) else cfg.model
+  return loader.load(source, 'teacher', model_cfg, weights=cfg.teacher.weights)
 
 
 def abstract_teacher_params(cfg):
   """Shapes and dtypes of the teacher's parameters (a DiT of `cfg.model`), nothing allocated."""
-  return nnx.state(pretrain.abstract_model(cfg.model), nnx.Param)
+  return models.split_abstract(cfg.model)[1]
 
 
 class DistillRunner:
@@ -79,7 +79,7 @@ class DistillRunner:
     self.student_gd, self.disc_gd = ds.make_graphdefs(cfg)
     self.teacher_params = None if teacher is None else \
         parallel.shard_params(self.mesh, teacher.params)
-    self.abstract = networks.abstract_distill_state(cfg)
+    self.abstract = ds.abstract_distill_state(cfg)
     self.state_sh = parallel.param_shardings(self.mesh, self.abstract)
     self.teacher_sh = parallel.param_shardings(
         self.mesh, abstract_teacher_params(cfg) if teacher is None else self.teacher_params)
@@ -124,8 +124,7 @@ class DistillRunner:
 
 def periodic_samples(runner: DistillRunner, state, cfg, step: int) -> dict:
   """Judge-free statistics of a few student-EMA samples at 8 and 16 NFE."""
-  gd = nnx.graphdef(nnx.eval_shape(lambda: DiT(cfg.model, rngs=nnx.Rngs(0))))
-  net = networks.Network('student_ema', cfg.model, gd, state.ema)
+  net = loader.Network('student_ema', cfg.model, runner.student_gd, state.ema)
   out = {}
   count = int(cfg.distill.sample_count)
   div = parallel.batch_divisor(runner.mesh)
@@ -136,8 +135,8 @@ def periodic_samples(runner: DistillRunner, state, cfg, step: int) -> dict:
       scfg.kind, scfg.steps = 'ancestral', nfe
     res = sampling_runner.generate(scfg, net, None, num_samples=count, batch_size=batch,
                                    seed=step, mesh=runner.mesh)
-    out[f'sample_nfe{nfe}_entropy'] = float(np.mean(metrics.unigram_entropy(res.ids)))
-    out[f'sample_nfe{nfe}_rep4'] = float(metrics.repeated_ngram_rate(res.ids, 4))
+    out[f'sample_nfe{nfe}_entropy'] = float(np.mean(samples.unigram_entropy(res.ids)))
+    out[f'sample_nfe{nfe}_rep4'] = float(samples.repeated_ngram_rate(res.ids, 4))
   return out
 
 
@@ -155,6 +154,9 @@ def fill_teacher_buffer(runner: DistillRunner, state, teacher, cfg, step: int, c
   return runner.refresh(state, jnp.asarray(res.ids), key)
 
 
+PROGRESS_KEYS = ('d_loss', 'd_acc_real', 'd_acc_fake', 'reward_mean', 'kl_hi', 'kl_lo', 'entropy')
+
+
 def run(cfg, workdir: str) -> dict:
   """The `distill` job."""
   d = cfg.distill
@@ -162,80 +164,40 @@ def run(cfg, workdir: str) -> dict:
   teacher = load_teacher(cfg)
   cfg = teacher_config(cfg, teacher)
   runner = DistillRunner(cfg, teacher)
-  teacher = networks.Network('teacher', cfg.model, teacher.graphdef, runner.teacher_params)
+  teacher = loader.Network('teacher', cfg.model, teacher.graphdef, runner.teacher_params)
   mngr = Manager(os.path.join(workdir, 'checkpoints'), keep=cfg.checkpoint.keep,
                  async_save=cfg.checkpoint.async_save)
   L = cfg.model.length
   it = None
   if d.real_source == 'data':
     it = pipeline.TrainIterator(cfg.data, L, d.batch_size, seed=cfg.data.shuffle_seed)
-  start = mngr.latest_step()
-  if start is not None:
-    state, data_state, _ = mngr.restore(runner.abstract_sharded())
-    if it is not None and data_state:
-      it.set_state(data_state)
-    print(f'resuming distillation from {mngr.directory}/{start}', flush=True)
-  elif d.init == 'checkpoint':
-    state, start = runner.state_from_didi_checkpoint(d.init_checkpoint), 0
+  job = loop.Job('distill', 'iteration', d.num_iterations, 'distill.num_iterations',
+                 d.batch_size * d.group_size * L, d.log_every, cfg.checkpoint.every,
+                 PROGRESS_KEYS, 'd_loss')
+  if d.init == 'checkpoint':
+    fresh = lambda: runner.state_from_didi_checkpoint(d.init_checkpoint)  # noqa: E731
   else:
-    state, start = runner.fresh_state(), 0
-  if start >= d.num_iterations:
-    print(f'distill is complete: {mngr.directory} holds iteration {start} of '
-          f'{d.num_iterations} (raise --config.distill.num_iterations to continue)', flush=True)
-    mngr.close()
-    return {'step': start, 'complete': True}
-
-  writer = common.MetricWriter(workdir, cfg.logging.tensorboard, resume_step=start)
-  progress = common.Progress(d.num_iterations, start, d.batch_size * d.group_size * L, 'distill')
-  stop = common.StopFlag()
-  meta = pretrain.checkpoint_meta(cfg, 'distill', {'teacher_source': cfg.teacher.checkpoint,
-                                          'teacher_weights': cfg.teacher.weights})
+    fresh = runner.fresh_state
+  state, first = loop.start(job, mngr, runner.abstract_sharded, fresh, it)
   dummy = np.zeros((d.batch_size, L), np.int32)
-  step = start
-  pending = previous = None
-  last = {}
-  try:
-    while step < d.num_iterations:
-      due, count = ds.teacher_buffer_due(cfg, step)
-      if due:
-        state = fill_teacher_buffer(runner, state, teacher, cfg, step, count)
-      x = next(it) if it is not None else dummy
-      state, metrics = runner.step(state, runner.teacher_params,
-                                   parallel.global_batch(runner.mesh, x), runner.run_key)
-      if previous is not None:                # keep at most one iteration queued
-        jax.block_until_ready(previous)
-      previous = metrics['d_loss']
-      if pending is not None:
-        last = _report(writer, progress, *pending)
-      step += 1
-      pending = (step, metrics) if (step % d.log_every == 0 or step == d.num_iterations) \
-          else None
-      if d.sample_every and (step % d.sample_every == 0 or step == d.num_iterations):
-        extra = periodic_samples(runner, state, cfg, step)
-        writer.write(step, extra)
-        if progress.enabled:
-          print(f'samples {step}: ' + ' '.join(f'{k} {v:.4g}' for k, v in extra.items()),
-                flush=True)
-      stopping = stop.should_stop(step)
-      if step % cfg.checkpoint.every == 0 or step == d.num_iterations or stopping:
-        mngr.save(step, state, it.get_state() if it is not None else {}, meta)
-      if stopping:
-        break
-    if pending is not None:
-      last = _report(writer, progress, *pending)
-  finally:
-    mngr.close()
-    stop.restore()
-  return {'step': step, 'complete': step >= d.num_iterations,
-          **{k: last[k] for k in ('d_loss', 'd_acc_real', 'd_acc_fake', 'reward_mean', 'kl_hi',
-                                  'kl_lo', 'entropy') if k in last}}
 
+  def refresh_buffer(step, state):
+    due, count = ds.teacher_buffer_due(cfg, step)
+    return fill_teacher_buffer(runner, state, teacher, cfg, step, count) if due else state
 
-PROGRESS_KEYS = ('d_loss', 'd_acc_real', 'd_acc_fake', 'reward_mean', 'kl_hi', 'kl_lo', 'entropy')
+  def step_fn(state):
+    x = next(it) if it is not None else dummy
+    return runner.step(state, runner.teacher_params, parallel.global_batch(runner.mesh, x),
+                       runner.run_key)
 
-
-def _report(writer, progress, step, metrics) -> dict:
-  m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  writer.write(step, m)
-  progress.log(step, {k: m[k] for k in PROGRESS_KEYS if k in m})
-  return m
+  meta = pretrain.checkpoint_meta(cfg, 'distill', {'teacher_source': cfg.teacher.checkpoint,
+                                                   'teacher_weights': cfg.teacher.weights})
+  out = loop.run(job, workdir=workdir, mngr=mngr, state=state, first=first, step_fn=step_fn,
+                 meta=meta, iterator=it, tensorboard=cfg.logging.tensorboard,
+                 before_step=refresh_buffer,
+                 periodic=[loop.Periodic(d.sample_every,
+                                         lambda step, state: periodic_samples(runner, state, cfg,
+                                                                              step),
+                                         'samples', '.4g')])
+  return {'step': out.step, 'complete': out.complete,
+          **{k: out.last_metrics[k] for k in PROGRESS_KEYS if k in out.last_metrics}}

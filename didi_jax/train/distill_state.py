@@ -19,7 +19,7 @@ import ml_collections
 from flax import nnx
 from flax import struct
 
-from didi_jax.models.dit import DiT
+from didi_jax import models
 from didi_jax.models.discriminator import Discriminator, Spectral
 from didi_jax.train import common
 
@@ -77,8 +77,8 @@ def make_graphdefs(cfg: ml_collections.ConfigDict):
   dropout key).
   """
   model_cfg = distill_model_config(cfg)
-  student = nnx.eval_shape(lambda: DiT(model_cfg, rngs=nnx.Rngs(0)))
-  disc = nnx.eval_shape(lambda: Discriminator(model_cfg, rngs=nnx.Rngs(0)))
+  student = models.abstract(model_cfg, 'denoiser')
+  disc = models.abstract(model_cfg, 'discriminator')
   return nnx.graphdef(student), split_discriminator(cfg, disc)[0]
 
 
@@ -128,6 +128,13 @@ def _copy(tree):
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
+def abstract_distill_state(cfg: ml_collections.ConfigDict) -> DistillState:
+  """Shapes and dtypes of the distillation state, nothing allocated."""
+  _, abstract_params, _ = models.split_abstract(distill_model_config(cfg))
+  return jax.eval_shape(lambda p: init_distill_state(cfg, p, jax.random.PRNGKey(0)),
+                        abstract_params)
+
+
 def init_distill_state(cfg: ml_collections.ConfigDict, teacher_params: nnx.State,
                        key: Array) -> DistillState:
   """docs/method.md D2: student, EMA and discriminator trunk copied from the teacher; fresh head from `key`.
@@ -140,8 +147,8 @@ def init_distill_state(cfg: ml_collections.ConfigDict, teacher_params: nnx.State
   model_cfg = distill_model_config(cfg)
   student_gd = make_graphdefs(cfg)[0]
   teacher = nnx.merge(student_gd, teacher_params)
-  disc = Discriminator(model_cfg, rngs=nnx.Rngs(params=key))
-  for name in ('vocab_embed', 'sigma_map', 'blocks'):
+  disc = models.build(model_cfg, 'discriminator', rngs=nnx.Rngs(params=key))
+  for name in teacher.trunk_modules:
     nnx.update(getattr(disc, name), _copy(nnx.state(getattr(teacher, name), nnx.Param)))
   _, disc_train, disc_frozen, spectral = split_discriminator(cfg, disc)
   student = _copy(teacher_params)

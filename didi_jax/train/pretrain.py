@@ -7,7 +7,6 @@ objects of the model's Params. Randomness is a pure function of (run key, step):
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Callable
 
@@ -17,23 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from didi_jax import diffusion, parallel
+from didi_jax import diffusion, models, parallel
 from didi_jax.checkpoint.manager import Manager
 from didi_jax.data import pipeline
-from didi_jax.models import causal_lm
-from didi_jax.models.dit import DiT
 from didi_jax.train import common
-
-
-def build_model(model_cfg, seed: int = 0):
-  """The network named by model_cfg.kind, with fresh parameters."""
-  if model_cfg.kind == 'dit':
-    return DiT(model_cfg, rngs=nnx.Rngs(seed))
-  return causal_lm.GPT2(causal_lm.GPT2Config.from_model_config(model_cfg), rngs=nnx.Rngs(seed))
-
-
-def abstract_model(model_cfg):
-  return nnx.eval_shape(lambda: build_model(model_cfg))
+from didi_jax.train import loop
 
 
 def make_optimizer(pcfg) -> optax.GradientTransformation:
@@ -43,7 +30,7 @@ def make_optimizer(pcfg) -> optax.GradientTransformation:
 
 
 def _fresh_state(cfg, tx, seed: int) -> dict:
-  model = build_model(cfg.model, seed=seed)
+  model = models.build(cfg.model, seed=seed)
   params = nnx.state(model, nnx.Param)
   return {'step': jnp.zeros((), jnp.int32), 'params': params,
           'ema': jax.tree.map(jnp.copy, params), 'opt': tx.init(params)}
@@ -111,7 +98,7 @@ class Trainer:
       raise ValueError(f'pretrain.batch_size={cfg.pretrain.batch_size} is not divisible by the '
                        f'data×fsdp mesh size {div}: pick a multiple of {div}')
     self.tx = make_optimizer(cfg.pretrain)
-    self.graphdef = nnx.graphdef(abstract_model(cfg.model))
+    self.graphdef = nnx.graphdef(models.abstract(cfg.model))
     self.abstract_state = abstract_state(cfg, self.tx)
     # Moments follow the parameter layout (the rules only read parameter names); scalars replicate.
     self.state_shardings = parallel.param_shardings(self.mesh, self.abstract_state)
@@ -175,62 +162,23 @@ def run(cfg, workdir: str) -> dict:
   # Every host reads the same global batch (a few MB) and places only its devices' rows.
   it = pipeline.TrainIterator(cfg.data, L, pcfg.batch_size, seed=cfg.data.shuffle_seed)
   valid = pipeline.eval_batches(cfg.data, L, pcfg.batch_size, pcfg.eval_batches)
-  start = mngr.latest_step()
-  if start is not None:
-    state, data_state, _ = mngr.restore(trainer.abstract_state_sharded())
-    it.set_state(data_state)
-    logging.info('resumed from step %d', start)
-    print(f'resuming from {mngr.directory}/{start}', flush=True)
-  else:
-    state, start = trainer.fresh_state(), 0
-  if start >= pcfg.num_steps:
-    print(f'pretrain is complete: {mngr.directory} holds step {start} of {pcfg.num_steps} '
-          '(raise --config.pretrain.num_steps to continue)', flush=True)
-    mngr.close()
-    return {'step': start, 'complete': True}
+  job = loop.Job('pretrain', 'step', pcfg.num_steps, 'pretrain.num_steps', pcfg.batch_size * L,
+                 pcfg.log_every, cfg.checkpoint.every, ('loss', 'grad_norm'), 'loss')
+  state, first = loop.start(job, mngr, trainer.abstract_state_sharded, trainer.fresh_state, it)
 
-  writer = common.MetricWriter(workdir, cfg.logging.tensorboard, resume_step=start)
-  progress = common.Progress(pcfg.num_steps, start, pcfg.batch_size * L, 'pretrain')
-  stop = common.StopFlag()
-  meta = checkpoint_meta(cfg, 'pretrain')
-  pending = previous = None
-  step = start
-  last = {}
-  try:
-    while step < pcfg.num_steps:
-      x = parallel.global_batch(trainer.mesh, next(it))
-      state, metrics = trainer.train_step(state, x, trainer.run_key)
-      if previous is not None:                # keep at most one step queued on the device
-        jax.block_until_ready(previous)
-      previous = metrics['loss']
-      if pending is not None:                 # pull step-1 metrics after dispatching step
-        _report(writer, progress, *pending)
-      step += 1
-      pending = (step, metrics) if (step % pcfg.log_every == 0 or step == pcfg.num_steps) \
-          else None
-      if step % pcfg.eval_every == 0 or step == pcfg.num_steps:
-        ev = evaluate_nelbo(trainer, state['ema'], valid)
-        ev_raw = evaluate_nelbo(trainer, state['params'], valid)
-        last = {'valid_nelbo_ema': ev['nelbo'], 'valid_ppl_ema': ev['ppl'],
-                'valid_nelbo': ev_raw['nelbo'], 'valid_ppl': ev_raw['ppl']}
-        writer.write(step, last)
-        if progress.enabled:
-          print(f'eval {step}: ' + ' '.join(f'{k} {v:.4f}' for k, v in last.items()), flush=True)
-      stopping = stop.should_stop(step)
-      if step % cfg.checkpoint.every == 0 or step == pcfg.num_steps or stopping:
-        mngr.save(step, state, it.get_state(), meta)
-      if stopping:
-        break
-    if pending is not None:
-      _report(writer, progress, *pending)
-  finally:
-    mngr.close()
-    stop.restore()
-  out = {'step': step, 'complete': step >= pcfg.num_steps, **last}
-  return out
+  def step_fn(state):
+    return trainer.train_step(state, parallel.global_batch(trainer.mesh, next(it)),
+                              trainer.run_key)
 
+  def validate(step, state):
+    del step
+    ev = evaluate_nelbo(trainer, state['ema'], valid)
+    ev_raw = evaluate_nelbo(trainer, state['params'], valid)
+    return {'valid_nelbo_ema': ev['nelbo'], 'valid_ppl_ema': ev['ppl'],
+            'valid_nelbo': ev_raw['nelbo'], 'valid_ppl': ev_raw['ppl']}
 
-def _report(writer, progress, step, metrics):
-  m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  writer.write(step, m)
-  progress.log(step, {k: m[k] for k in ('loss', 'grad_norm')})
+  out = loop.run(job, workdir=workdir, mngr=mngr, state=state, first=first, step_fn=step_fn,
+                 meta=checkpoint_meta(cfg, 'pretrain'), iterator=it,
+                 tensorboard=cfg.logging.tensorboard,
+                 periodic=[loop.Periodic(pcfg.eval_every, validate, 'eval')])
+  return {'step': out.step, 'complete': out.complete, **out.last_periodic}

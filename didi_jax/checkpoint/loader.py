@@ -1,0 +1,186 @@
+"""The one loader: a network from any source, for every job, the API and the tools.
+
+    net = loader.load(source, 'teacher')          # Network(model_cfg, graphdef, params, ...)
+    model = net.model()                            # a ready nnx module
+
+A source is one of:
+  * a didi_jax workdir (or its `checkpoints/` dir) written by `pretrain` or `distill`: only the
+    named network's arrays are read from the latest orbax checkpoint (teacher / ar: EMA or raw
+    weights per `weights`; student / student_ema / discriminator from a distillation);
+  * anything `didi_jax.checkpoint.importer` reads: official Lightning `.ckpt`, HF safetensors
+    folders, `hf:ORG/NAME`, our exported `.safetensors` / `.npz`.
+The model config comes from the run's own config, our export's stored config, or is inferred from
+tensor shapes; `model_cfg` overrides the sizes for imported files. Networks are built by the
+model factory (`didi_jax.models`), so any registered architecture loads the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from didi_jax import models
+from didi_jax.checkpoint import importer
+from didi_jax.checkpoint import manager as manager_lib
+from didi_jax.checkpoint import names
+from didi_jax.checkpoint.manager import Manager
+
+ROLES = ('teacher', 'student', 'student_ema', 'discriminator', 'ar')
+CheckpointError = importer.CheckpointError
+
+
+@dataclasses.dataclass
+class Network:
+  """A loaded network: its model config, graphdef and parameter states."""
+  role: str                      # one of ROLES
+  model_cfg: ml_collections.ConfigDict
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  spectral: Optional[nnx.State] = None
+  source: str = ''
+
+  def model(self):
+    if self.spectral is not None:
+      return nnx.merge(self.graphdef, self.params, self.spectral)
+    return nnx.merge(self.graphdef, self.params)
+
+
+def checkpoint_dir(source: str) -> Optional[str]:
+  """The orbax checkpoint dir of a didi_jax workdir (or the dir itself), else None."""
+  source = os.path.expanduser(source)
+  if not os.path.isdir(source):
+    return None
+  cand = os.path.join(source, 'checkpoints')
+  for d in (cand, source):
+    if os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d)):
+      return d
+  return None
+
+
+def read_workdir_config(source: str) -> tuple[ml_collections.ConfigDict, Manager]:
+  ckpt = checkpoint_dir(source)
+  if ckpt is None:
+    raise FileNotFoundError(f'{source} holds no didi_jax checkpoint: run the job there first, or '
+                            'point at a checkpoint file / hf:ORG/NAME')
+  mngr = Manager(ckpt, async_save=False)
+  meta = mngr.read_meta()
+  if 'config' not in meta:
+    raise FileNotFoundError(f'{ckpt} has no config in its metadata: it was not written by '
+                            'didi_jax pretrain/distill')
+  return ml_collections.ConfigDict(meta['config']), mngr
+
+
+def workdir_job(source: str) -> str:
+  """The job ('pretrain' | 'distill') that wrote the checkpoints of a didi_jax workdir."""
+  _, mngr = read_workdir_config(source)
+  job = mngr.read_meta().get('job', '')
+  mngr.close()
+  return job
+
+
+def _model_cfg(model_cfg) -> ml_collections.ConfigDict:
+  d = model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
+  return ml_collections.ConfigDict(d)
+
+
+def _network_role(role: str) -> str:
+  return 'discriminator' if role == 'discriminator' else 'denoiser'
+
+
+def load(source, role: str, model_cfg=None, *, weights: str = 'ema') -> Network:
+  """Network `role` from `source` (see the module docstring; an `importer.Source` already opened
+  also works). model_cfg: sizes for an imported file (None: the stored config, else inferred from
+  shapes); ignored for a workdir."""
+  if role not in ROLES:
+    raise ValueError(f'unknown network role {role!r}: use one of {ROLES}')
+  if weights not in ('ema', 'raw'):
+    raise ValueError(f"weights={weights!r}: use 'ema' or 'raw'")
+  if isinstance(source, importer.Source):
+    src, source = source, source.label
+  elif checkpoint_dir(source) is not None:
+    return _load_workdir(source, role, weights)
+  else:
+    src = importer.open_source(source)
+  if model_cfg is None:
+    model_cfg = importer.source_model_config(
+        src, names.DISCRIMINATOR if role == 'discriminator' else names.DIT)
+  model_cfg = _model_cfg(model_cfg)
+  gd, params, spectral = models.split_abstract(model_cfg, _network_role(role))
+  if role == 'discriminator':
+    params_d, spectral_d = importer.import_discriminator(src, model_cfg)
+    return Network(role, model_cfg, gd, _fill(params, params_d, source),
+                   _fill(spectral, spectral_d, source), source)
+  network = {'student': 'student', 'student_ema': 'student_ema'}.get(role, 'auto')
+  params_d = importer.import_dit(src, model_cfg, network=network, weights=weights)
+  return Network(role, model_cfg, gd, _fill(params, params_d, source), None, source)
+
+
+def _fill(abstract_state: nnx.State, pure: dict, source: str) -> nnx.State:
+  """`abstract_state` filled from the pure dict `pure`, whose keys must match exactly."""
+  want = set(importer.flatten_tree(nnx.to_pure_dict(abstract_state)))
+  got = set(importer.flatten_tree(pure))
+  if want != got:   # guards the importer's name tables against drift from the model code
+    raise CheckpointError(
+        f'{source}: the imported tensors do not match the model: missing '
+        f'{sorted(map(str, want - got))[:5]}, extra {sorted(map(str, got - want))[:5]}')
+  state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_state)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+  return state
+
+
+def _restore(mngr: Manager, groups: dict[str, nnx.State]) -> dict[str, nnx.State]:
+  """{group: abstract state} -> {group: state} read from the checkpoint's `group.*` keys."""
+  flat = {}
+  for group, abstract_state in groups.items():
+    flat.update({f'{group}.{k}': v for k, v in manager_lib.flatten(abstract_state).items()})
+  values = mngr.restore_subset(flat)
+  return {group: manager_lib.unflatten(abstract_state, {
+      k[len(group) + 1:]: v for k, v in values.items() if k.startswith(group + '.')})
+          for group, abstract_state in groups.items()}
+
+
+def _load_workdir(source: str, role: str, weights: str) -> Network:
+  cfg, mngr = read_workdir_config(source)
+  try:
+    job = mngr.read_meta().get('job')
+    model_cfg = _model_cfg(cfg.model)
+    if job == 'pretrain':
+      if role not in ('teacher', 'ar'):
+        raise CheckpointError(f'{source} is a pre-training run: it holds a teacher, not a {role}')
+      gd, params, _ = models.split_abstract(model_cfg)
+      group = 'ema' if weights == 'ema' else 'params'
+      return Network(role, model_cfg, gd, _restore(mngr, {group: params})[group], None, source)
+    if job != 'distill':
+      raise CheckpointError(f'{source}: unknown job {job!r} in checkpoint metadata')
+    if role in ('teacher', 'ar'):
+      raise CheckpointError(f'{source} is a distillation run; its teacher came from '
+                            f'{cfg.teacher.checkpoint!r}: pass that as --config.teacher.checkpoint')
+    if role in ('student', 'student_ema'):
+      gd, params, _ = models.split_abstract(model_cfg)
+      group = 'ema' if role == 'student_ema' else 'student'
+      return Network(role, model_cfg, gd, _restore(mngr, {group: params})[group], None, source)
+    return _load_discriminator(mngr, model_cfg, source)
+  finally:
+    mngr.close()
+
+
+def _load_discriminator(mngr: Manager, model_cfg, source: str) -> Network:
+  """The discriminator of a distillation run: its parameters are stored split into trainable and
+  frozen groups (by `distill.disc_unfreeze_blocks`); each key is read from the group holding it."""
+  gd, params, spectral = models.split_abstract(model_cfg, 'discriminator')
+  stored = mngr.stored_keys(mngr.latest_step()) or set()
+  flat = {}
+  for key, leaf in manager_lib.flatten(params).items():
+    group = 'disc_train' if f'disc_train.{key}' in stored else 'disc_frozen'
+    flat[f'{group}.{key}'] = leaf
+  flat.update({f'spectral.{k}': v for k, v in manager_lib.flatten(spectral).items()})
+  values = mngr.restore_subset(flat)
+  by_key = {k.split('.', 1)[1]: v for k, v in values.items() if not k.startswith('spectral.')}
+  spec = {k[len('spectral.'):]: v for k, v in values.items() if k.startswith('spectral.')}
+  return Network('discriminator', model_cfg, gd, manager_lib.unflatten(params, by_key),
+                 manager_lib.unflatten(spectral, spec), source)
