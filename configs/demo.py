@@ -7,6 +7,9 @@ Presets:
            judged offline by SmolLM2-135M.
   teacher  how the shipped teacher was trained (`pretrain` on the Shakespeare corpus):
              python -m didi_jax.main --config=configs/demo.py:teacher --workdir=runs/demo_teacher
+  judge    how the shipped in-domain judge (didi_jax/assets/demo_judge, 'demo-bytes') was trained:
+           a byte-level causal LM, `pretrain` with model.kind='ar' on the training split only:
+             python -m didi_jax.main --config=configs/demo.py:judge --workdir=runs/demo_judge
   smoke    a tiny teacher trained in the run itself, then distill -> samples -> sweep; mechanics
            only, a few minutes on 2 CPU cores.
   gpu      GPT-2 BPE Shakespeare with the paper's `small` DiT at L=256, for one GPU: pretrain a
@@ -94,6 +97,20 @@ def get_config(preset: str = ''):
     cfg.job = 'pretrain'
     cfg.teacher.checkpoint = ''
     cfg.checkpoint.every = 500
+  elif preset == 'judge':
+    # The shipped in-domain judge (didi_jax/assets/demo_judge): a byte-level causal LM trained by
+    # `pretrain` on the training split only; larger than the teacher and trained on more tokens.
+    cfg.job = 'pretrain'
+    cfg.teacher.checkpoint = ''
+    cfg.model = model_config('demo', vocab_size=257, length=256)
+    cfg.model.kind = 'ar'
+    cfg.model.hidden_size, cfg.model.n_blocks, cfg.model.n_heads = 224, 4, 4   # 2.5M parameters
+    cfg.model.mlp_dim = 896
+    cfg.model.dropout = 0.0
+    cfg.model.compute_dtype = 'float32'
+    cfg.pretrain.num_steps = 3200        # 26.2M byte tokens (the teacher saw 24.6M)
+    cfg.pretrain.warmup_steps = 200
+    cfg.checkpoint.every = 100
   elif preset == 'smoke':
     cfg.eval.extra_judges = ''           # SmolLM2 only: no shipped asset needed
     cfg.model = model_config('tiny', vocab_size=258, length=64)
