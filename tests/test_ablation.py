@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import demo, owt
-from didi_jax import ablation, errors
+from didi_jax import ablation, errors, models
 from didi_jax import config as config_lib
 from didi_jax import main as cli
 from didi_jax.checkpoint import exporter
@@ -228,7 +228,7 @@ def ar_judges(tmp_path_factory):
   """A random-init byte-level AR model as an export (.safetensors) and as a pretrain run dir."""
   root = tmp_path_factory.mktemp('judges')
   mcfg = tiny_ar_config()
-  model = pretrain.build_model(mcfg, seed=3)
+  model = models.build(mcfg, seed=3)
   path = str(root / 'judge.safetensors')
   exporter.save_ours(path, {'teacher': nnx.to_pure_dict(nnx.state(model, nnx.Param))},
                      model_cfg=mcfg)
@@ -240,7 +240,7 @@ def ar_judges(tmp_path_factory):
   mngr = Manager(os.path.join(run, 'checkpoints'), async_save=False)
   mngr.save(0, state, {}, pretrain.checkpoint_meta(cfg, 'pretrain'))
   mngr.close()
-  return {'file': path, 'run': run, 'model': model, 'run_model': pretrain.build_model(
+  return {'file': path, 'run': run, 'model': model, 'run_model': models.build(
       cfg.model, seed=5)}
 
 

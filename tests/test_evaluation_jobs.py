@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
+from didi_jax import main as main_lib
 from didi_jax import samples
 from didi_jax.checkpoint import loader
-from didi_jax import main as main_lib
 from didi_jax.checkpoint.manager import Manager
 from didi_jax.data import pipeline
 from didi_jax.evaluation import evaluate, judges, metrics, plots, sweep
@@ -266,13 +266,13 @@ def test_sweep_scores_every_judge(tmp_path, teacher_dir):
   """eval.extra_judges: each row records Gen PPL per judge and the table has a column each; a
   sweep without extra judges keeps its old resume key."""
   from flax import nnx
-  from didi_jax import config as config_lib
+  from didi_jax import config as config_lib, models
   from didi_jax.checkpoint import exporter
   mcfg = config_lib.model_config('tiny', vocab_size=257, length=32)
   mcfg.kind, mcfg.compute_dtype = 'ar', 'float32'
   byte_judge = str(tmp_path / 'bytes.safetensors')
   exporter.save_ours(byte_judge, {'teacher': nnx.to_pure_dict(nnx.state(
-      pretrain.build_model(mcfg, seed=1), nnx.Param))}, model_cfg=mcfg)
+      models.build(mcfg, seed=1), nnx.Param))}, model_cfg=mcfg)
   cfg = eval_config(teacher_dir, models='teacher', samplers='ancestral', teacher_nfes='2')
   plain = sweep.cell_settings(cfg, sweep.Cell('teacher', 'ancestral', 2, 'float32'),
                               sweep.ModelEntry('teacher', 'teacher', teacher_dir, 6))

@@ -40,19 +40,15 @@ import regex
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from didi_jax import errors
+from didi_jax import errors, models
 from didi_jax.checkpoint import importer
-try:                                      # the network loader (moving to didi_jax.checkpoint)
-  from didi_jax.checkpoint import loader as networks
-except ImportError:                       # pragma: no cover - older layout
-  from didi_jax import networks
+from didi_jax.checkpoint import loader
+from didi_jax.checkpoint import hub
 from didi_jax.data.tokenizers import GPT2_EOS, get_tokenizer
-from didi_jax.models import causal_lm
-from didi_jax.train import pretrain
 
 SMOLLM2_GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 DOC_SEPARATOR = '<|endoftext|>'     # the text GPT-2's EOS decodes to
-GPT2_JUDGES = tuple(causal_lm.HF_GPT2_REPOS)
+GPT2_JUDGES = tuple(hub.HF_GPT2_REPOS)
 MIN_CONTEXT = 2                     # one input and one target
 DEMO_BYTES = 'demo-bytes'           # the shipped byte-level Shakespeare judge
 DEMO_JUDGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -208,7 +204,7 @@ def is_byte_judge(name: str) -> bool:
   """Whether `name` names one of our byte-level AR judges (not checked for existence)."""
   path = os.path.expanduser(name)
   return (name == DEMO_BYTES or path.endswith(('.safetensors', '.npz'))
-          or networks.checkpoint_dir(path) is not None)
+          or loader.checkpoint_dir(path) is not None)
 
 
 def check_judge_name(name: str, key: str = 'eval.judge') -> None:
@@ -235,16 +231,16 @@ def load_byte_lm(source: str, dtype=jnp.float32):
   """(GPT-2-style model, its model config) of our byte-level AR LM from a `pretrain` run
   directory (EMA weights) or an export in our flat .safetensors/.npz format."""
   path = os.path.expanduser(source)
-  if networks.checkpoint_dir(path) is not None:
-    if networks.workdir_job(path) != 'pretrain':
+  if loader.checkpoint_dir(path) is not None:
+    if loader.workdir_job(path) != 'pretrain':
       raise errors.CheckpointError(f'judge {source} is not a pre-training run: a judge is an '
                                    "AR model trained by the pretrain job with model.kind='ar'")
-    run_cfg, mngr = networks.read_workdir_config(path)
+    run_cfg, mngr = loader.read_workdir_config(path)
     mngr.close()
     if run_cfg.model.get('kind', 'dit') != 'ar':
       raise errors.CheckpointError(f'judge {source} is a {run_cfg.model.get("kind")!r} model: a '
                                    "judge must be causal (model.kind='ar')")
-    net = networks.load(path, 'ar')
+    net = loader.load(path, 'ar')
     model_cfg = net.model_cfg
     params = net.params
   else:
@@ -261,7 +257,7 @@ def load_byte_lm(source: str, dtype=jnp.float32):
           "causal LMs trained with model.kind='ar' can judge")
     model_cfg = ml_collections.ConfigDict(src.model_cfg.to_dict())
     model_cfg.kind = 'ar'
-    _, abstract = nnx.split(pretrain.abstract_model(model_cfg), nnx.Param)
+    _, abstract = nnx.split(models.abstract(model_cfg), nnx.Param)
     want = set(importer.flatten_tree(nnx.to_pure_dict(abstract)))
     got = set(importer.flatten_tree(tree))
     if want != got:
@@ -273,7 +269,7 @@ def load_byte_lm(source: str, dtype=jnp.float32):
   model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
   model_cfg.dropout = 0.0
   model_cfg.compute_dtype = jnp.dtype(dtype).name
-  graphdef, _ = nnx.split(pretrain.abstract_model(model_cfg), nnx.Param)
+  graphdef, _ = nnx.split(models.abstract(model_cfg), nnx.Param)
   return nnx.merge(graphdef, params), model_cfg
 
 
@@ -300,8 +296,8 @@ def max_context(name: str) -> Optional[int]:
   if not is_byte_judge(name):
     return None
   source = os.path.expanduser(demo_bytes_path() if name == DEMO_BYTES else name)
-  if networks.checkpoint_dir(source) is not None:
-    run_cfg, mngr = networks.read_workdir_config(source)
+  if loader.checkpoint_dir(source) is not None:
+    run_cfg, mngr = loader.read_workdir_config(source)
     mngr.close()
     return int(run_cfg.model.length)
   return int(importer.source_model_config(source).length)
@@ -317,13 +313,13 @@ def load_judge(name_or_path: str, context: int, dtype=jnp.float32,
     return load_byte_judge(name, context, dtype, mesh)
   if name == 'smollm2' or name.endswith('.gguf'):
     path = smollm2_gguf_path() if name == 'smollm2' else os.path.expanduser(name)
-    model, tokenizer = causal_lm.load_llama_gguf(path, dtype)
+    model, tokenizer = hub.load_llama_gguf(path, dtype)
     _check_context(context, model.cfg.context_length, name)
     eos = tokenizer.token_id(DOC_SEPARATOR)
     return Judge(name, model, tokenizer, context, tokenizer.eos_id if eos is None else eos,
                  mesh=mesh)
   if name in GPT2_JUDGES or name.startswith('hf:') or os.path.isdir(os.path.expanduser(name)):
-    model = causal_lm.load_gpt2(os.path.expanduser(name) if os.path.isdir(
+    model = hub.load_gpt2(os.path.expanduser(name) if os.path.isdir(
         os.path.expanduser(name)) else name, dtype)
     if model.cfg.vocab_size != get_tokenizer('gpt2').vocab_size:
       raise ValueError(f'judge {name} has vocab {model.cfg.vocab_size}, not GPT-2 BPE (50257): '
