@@ -16,8 +16,11 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from didi_jax import config as config_lib
+from didi_jax.checkpoint import hub
+from didi_jax.data import bpe
 from didi_jax.data.tokenizers import GPT2_PATTERN, bytes_to_unicode
-from didi_jax.models import causal_lm
+from didi_jax.models import gpt2
+from didi_jax.sampling import ar
 from didi_jax.sampling import categorical
 
 GPT2_TINY = dict(vocab_size=37, n_positions=16, n_embd=16, n_layer=2, n_head=4)
@@ -112,7 +115,7 @@ def tiny_gpt2(tmp_path_factory):
   weights = gpt2_weights(np.random.default_rng(0), **GPT2_TINY)
   path = str(tmp_path_factory.mktemp('gpt2'))
   save_hf_gpt2(path, weights, GPT2_TINY)
-  return causal_lm.load_gpt2(path), weights
+  return hub.load_gpt2(path), weights
 
 
 def test_gpt2_loader_and_forward_match_numpy(tiny_gpt2):
@@ -131,7 +134,7 @@ def test_gpt2_loader_names_every_mismatch(tmp_path):
   weights['h.0.attn.extra'] = np.ones((2,), np.float32)
   save_hf_gpt2(str(tmp_path), weights, GPT2_TINY, prefix='')
   with pytest.raises(ValueError) as err:
-    causal_lm.load_gpt2(str(tmp_path))
+    hub.load_gpt2(str(tmp_path))
   msg = str(err.value)
   assert 'h.1.mlp.c_fc.bias' in msg and 'h.0.attn.extra' in msg and 'ln_f.weight' in msg
 
@@ -139,9 +142,9 @@ def test_gpt2_loader_names_every_mismatch(tmp_path):
 def test_gpt2_is_causal_and_dropout_needs_a_key():
   model_cfg = config_lib.model_config('tiny', vocab_size=23, length=12)
   model_cfg.kind, model_cfg.dropout, model_cfg.compute_dtype = 'ar', 0.2, 'float32'
-  cfg = causal_lm.GPT2Config.from_model_config(model_cfg)
+  cfg = gpt2.GPT2Config.from_model_config(model_cfg)
   assert (cfg.d_model, cfg.n_layer, cfg.n_positions, cfg.dropout) == (64, 2, 12, 0.2)
-  fwd = jit_forward(causal_lm.GPT2(cfg, rngs=nnx.Rngs(0)))
+  fwd = jit_forward(gpt2.GPT2(cfg, rngs=nnx.Rngs(0)))
   ids = np.random.default_rng(2).integers(0, 23, (1, 10))
   ids2 = ids.copy()
   ids2[0, 6:] = (ids2[0, 6:] + 1) % 23
@@ -181,12 +184,12 @@ def test_kv_cache_generation_equals_no_cache_reference(tiny_gpt2, temperature, t
   length, regime = 16 - prompt_len + 1, categorical.Regime()
   prompt = np.random.default_rng(3).integers(0, GPT2_TINY['vocab_size'], (3, prompt_len))
   key = jax.random.PRNGKey(7)
-  got = causal_lm.gpt2_generate(model, key, batch_size=3, length=length, prompt_BxP=prompt,
+  got = ar.gpt2_generate(model, key, batch_size=3, length=length, prompt_BxP=prompt,
                                 temperature=temperature, top_p=top_p, regime=regime)
   want = reference_generate(model, prompt, length, key, temperature, top_p, regime)
   np.testing.assert_array_equal(np.asarray(got), want)
   with pytest.raises(ValueError, match='n_positions'):
-    causal_lm.gpt2_generate(model, key, batch_size=3, length=length + 1, prompt_BxP=prompt)
+    ar.gpt2_generate(model, key, batch_size=3, length=length + 1, prompt_BxP=prompt)
 
 
 # ----------------------------------------------------------------------------- Llama (GGUF)
@@ -329,7 +332,7 @@ def test_llama_gguf_forward_matches_numpy(tmp_path, tie):
   deq_up = write_tiny_gguf(path, w, tie)
   for i, up in deq_up.items():      # the reference uses what the file actually stores
     w[f'{i}.up'] = up
-  model, tok = causal_lm.load_llama_gguf(path)
+  model, tok = hub.load_llama_gguf(path)
   assert (model.cfg.n_kv_head, model.cfg.rope_theta, model.cfg.tie_embeddings) == (
       LLAMA_TINY['n_kv_head'], LLAMA_TINY['theta'], tie)
   ids = np.random.default_rng(5).integers(0, vocab, (2, 13))
@@ -343,8 +346,8 @@ def test_unpermute_inverts_llamacpp_permute():
   w = np.random.default_rng(6).normal(size=(24, 5))
   for n_head in (1, 2, 6):
     np.testing.assert_array_equal(
-        causal_lm.unpermute_gguf_qk(llamacpp_permute(w, n_head), n_head), w)
-    np.testing.assert_array_equal(causal_lm.permute_hf_qk(w, n_head), llamacpp_permute(w, n_head))
+        hub.unpermute_gguf_qk(llamacpp_permute(w, n_head), n_head), w)
+    np.testing.assert_array_equal(hub.permute_hf_qk(w, n_head), llamacpp_permute(w, n_head))
   assert not np.array_equal(llamacpp_permute(w, 2), w)
 
 
@@ -388,7 +391,7 @@ def test_tiny_gguf_tokenizer_honours_merges_and_round_trips(tmp_path):
   w = llama_hf_weights(np.random.default_rng(4), vocab, tie=True, **LLAMA_TINY)
   path = str(tmp_path / 'tok.gguf')
   write_tiny_gguf(path, w, tie=True, quantize_up=False)
-  tok = causal_lm.ByteLevelBPETokenizer.from_gguf(gguf.GGUFReader(path))
+  tok = bpe.ByteLevelBPETokenizer.from_gguf(gguf.GGUFReader(path))
   tokens, _ = tiny_vocab()
   for text in TRICKY:
     ids = tok.encode(text)
@@ -407,7 +410,7 @@ def smollm2_path():
 
 def test_smollm2_tokenizer_matches_reference_and_round_trips():
   reader = gguf.GGUFReader(smollm2_path())
-  tok = causal_lm.ByteLevelBPETokenizer.from_gguf(reader)
+  tok = bpe.ByteLevelBPETokenizer.from_gguf(reader)
   tokens = list(reader.fields['tokenizer.ggml.tokens'].contents())
   merges = list(reader.fields['tokenizer.ggml.merges'].contents())
   types = list(reader.fields['tokenizer.ggml.token_type'].contents())

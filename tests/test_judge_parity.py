@@ -2,10 +2,10 @@
 independent reference (transformers tokenizers and models + a NumPy counting rule).
 
 * GPT-2: a random `GPT2LMHeadModel` saved with `save_pretrained` loads through our HF-dir loader
-  (`causal_lm.load_gpt2`); per-token NLL equal within 1e-4 (float32).
+  (`hub.load_gpt2`); per-token NLL equal within 1e-4 (float32).
 * Llama: a random `LlamaForCausalLM` is converted to GGUF the way llama.cpp's converter does (q/k
   rows permuted, GGUF names; transformers' own GGUF reader is used to check the file) and loads
-  through `causal_lm.load_llama_gguf`, the only Llama loader we have; per-token NLL within 1e-4.
+  through `hub.load_llama_gguf`, the only Llama loader we have; per-token NLL within 1e-4.
 * Protocol: GPT-2 sample ids (0, 1, several EOS, EOS at position 0, EOS runs, retokenisation that
   truncates) are decoded and judged by our `evaluate.judge_scores` / `metrics.gen_ppl`, and by the
   official recipe written out here with transformers (HF tokenizer with padding=True,
@@ -36,9 +36,9 @@ import transformers
 from flax import nnx
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from didi_jax.checkpoint import hub
 from didi_jax.data.tokenizers import GPT2_EOS, get_tokenizer, gpt2_files_dir
 from didi_jax.evaluation import evaluate, judges, metrics
-from didi_jax.models import causal_lm
 
 NLL_ATOL = 1e-4
 SPECIALS = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']     # SmolLM2's first three specials
@@ -107,7 +107,7 @@ def test_gpt2_token_nll_matches_transformers(tmp_path, tie):
   with safetensors.safe_open(str(tmp_path / 'model.safetensors'), 'np') as f:
     keys = set(f.keys())
   assert 'transformer.h.1.attn.c_attn.weight' in keys and ('lm_head.weight' in keys) != tie
-  ours = causal_lm.load_gpt2(str(tmp_path))
+  ours = hub.load_gpt2(str(tmp_path))
   assert ours.cfg.tie_embeddings == tie and ours.cfg.d_mlp == (256 if tie else 160)
   rng = np.random.default_rng(2)
   for shape in ((3, 40), (2, 9)):             # all learned positions, and a short input
@@ -238,7 +238,7 @@ def test_llama_gguf_token_nll_matches_transformers(tmp_path, tiny_bpe, tie):
   want_sd, got_sd = hf.state_dict(), back.state_dict()
   for k, v in want_sd.items():
     assert torch.equal(got_sd[k], v), k
-  ours, _ = causal_lm.load_llama_gguf(str(tmp_path / 'tiny.gguf'))
+  ours, _ = hub.load_llama_gguf(str(tmp_path / 'tiny.gguf'))
   assert (ours.cfg.n_kv_head, ours.cfg.rope_theta, ours.cfg.tie_embeddings) == (2, 50000.0, tie)
   rng = np.random.default_rng(4)
   for shape in ((3, 96), (2, 11)):

@@ -12,6 +12,7 @@ from safetensors.numpy import save_file
 from scipy.special import logsumexp
 
 from didi_jax import samples
+from didi_jax.checkpoint import hub
 from didi_jax.data.tokenizers import get_tokenizer
 from didi_jax.evaluation import judges, metrics
 
@@ -85,7 +86,7 @@ def test_judge_scores_match_direct_computation(tiny_gpt2_judge_dir):
                     + [EOS])
   assert [len(r) for r in ids][3] == context and ids[4] == []
   longest = max(len(r) for r in ids)
-  model = judges.causal_lm.load_gpt2(tiny_gpt2_judge_dir)
+  model = hub.load_gpt2(tiny_gpt2_judge_dir)
   fwd = jax.jit(lambda x: model(x))
   nll_want, count_want = [], []
   for r in ids:
@@ -185,7 +186,7 @@ def test_summarize():
   assert s['num_samples'] == 16 and s['num_judge_tokens'] == count.sum()
   assert s['gen_ppl'] == metrics.gen_ppl(nll, count)
   assert s['gen_ppl_ci'][0] < s['gen_ppl'] < s['gen_ppl_ci'][1]
-  assert s['entropy'] == pytest.approx(metrics.unigram_entropy(ids).mean())
+  assert s['entropy'] == pytest.approx(samples.unigram_entropy(ids).mean())
   assert s['entropy_ci'][0] <= s['entropy'] <= s['entropy_ci'][1]
   assert 'repeated_4gram_rate' in s and 'mean_sample_ppl' in s
 

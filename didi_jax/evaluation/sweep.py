@@ -30,11 +30,12 @@ import ml_collections
 import numpy as np
 
 from didi_jax import artifacts, parallel, samples
-from didi_jax.checkpoint import loader
 from didi_jax import config as config_lib
+from didi_jax.checkpoint import hub
+from didi_jax.checkpoint import loader
 from didi_jax.data.tokenizers import get_tokenizer
 from didi_jax.evaluation import evaluate, judges, plots
-from didi_jax.models import causal_lm
+from didi_jax.sampling import ar
 from didi_jax.sampling import categorical, cost as cost_lib, runner
 from didi_jax.train import common
 
@@ -182,7 +183,7 @@ class Models:
       net = loader.load(entry.source, 'ar', weights=self.cfg.teacher.weights)
       model, model_cfg = net.model(), net.model_cfg
     else:
-      model = causal_lm.load_gpt2(entry.source)
+      model = hub.load_gpt2(entry.source)
       c = model.cfg
       model_cfg = ml_collections.ConfigDict(dict(
           kind='ar', hidden_size=c.d_model, n_blocks=c.n_layer, n_heads=c.n_head,
@@ -295,7 +296,7 @@ def _sample_ar(cfg, cell: Cell, nets, mesh) -> runner.SampleResult:
   base = jax.random.PRNGKey(seed)
   outs, t0, compile_s = [], time.time(), 0.0
   for b in range(-(-num // bs)):
-    ids = causal_lm.gpt2_generate(model, jax.random.fold_in(base, b), batch_size=bs,
+    ids = ar.gpt2_generate(model, jax.random.fold_in(base, b), batch_size=bs,
                                   length=int(model_cfg.length), bos_id=tok.eos_id,
                                   temperature=float(sc.temperature), top_p=float(sc.top_p),
                                   regime=regime)

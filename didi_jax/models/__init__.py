@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from flax import nnx
 
-from didi_jax.models import causal_lm
+from didi_jax.models import gpt2
 from didi_jax.models.discriminator import Discriminator, Spectral
 from didi_jax.models.dit import DiT
 
@@ -34,8 +34,7 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     'dit': Architecture(denoiser=DiT, discriminator=Discriminator),
     'ar': Architecture(
-        denoiser=lambda cfg, rngs: causal_lm.GPT2(causal_lm.GPT2Config.from_model_config(cfg),
-                                                  rngs=rngs)),
+        denoiser=lambda cfg, rngs: gpt2.GPT2(gpt2.GPT2Config.from_model_config(cfg), rngs=rngs)),
 }
 
 

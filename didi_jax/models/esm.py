@@ -16,9 +16,9 @@ without changing any weight:
 MHA: q, k, v = query/key/value(h) (with biases); q is scaled by head_dim^-½ BEFORE rotary (as ESM);
 rotary on q and k in float32, non-interleaved rotate-half `cat(−x2, x1)` with cos/sin of
 `cat(θ, θ)`, θ[p, j] = p · inv_freq[j], positions p = 0..L−1 (pad tokens included: HF and DPLM use
-arange(L) for rotary whatever the padding), inv_freq = 1/rope_theta^(2j/Dh) or the checkpoint's
-stored buffer (`esm.rotary_embeddings.inv_freq`, kept as a non-trainable `Buffer`); softmax with no
-further scale; PAD keys masked (−inf) when `cfg.pad_attention_mask`.
+arange(L) for rotary whatever the padding), inv_freq = 1/rope_theta^(2j/Dh), or the checkpoint's
+stored buffer where it differs (`cfg.rope_inv_freq`, a static tuple: the model holds only
+`nnx.Param`s, so `nnx.split(model, nnx.Param)` works as for the DiT); softmax with no further scale; PAD keys masked (−inf) when `cfg.pad_attention_mask`.
 
 Token dropout (ESM-2's `token_dropout=True`, exactly HF `EsmEmbeddings`): embeddings of `<mask>`
 are zeroed and all embeddings of a sequence are scaled by (1 − 0.12) / (1 − m), m = (#<mask>) /
@@ -51,10 +51,11 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from didi_jax.errors import ConfigError
-from didi_jax.models.dit import Linear, check_soft_input, dropout, torch_uniform_init
+from didi_jax.models.dit import Linear, check_soft_input, dropout
 
 Array = jax.Array
 
@@ -75,6 +76,7 @@ class EsmConfig:
   token_dropout: bool = True
   emb_layer_norm_before: bool = False
   rope_theta: float = 10000.0
+  rope_inv_freq: Optional[tuple] = None   # a checkpoint's stored inv_freq (None: from rope_theta)
   hidden_dropout_prob: float = 0.0     # dropout after attention.output and output dense (training)
   # ours
   compute_dtype: str = 'float32'
@@ -88,7 +90,8 @@ class EsmConfig:
                         f'{self.num_attention_heads}: pick sizes with hidden % heads == 0')
     if (self.hidden_size // self.num_attention_heads) % 2:
       raise ConfigError('ESM head dim (hidden_size / num_attention_heads) must be even for rotary')
-    if not 0 <= self.mask_token_id < self.vocab_size or not 0 <= self.pad_token_id < self.vocab_size:
+    ids = (self.mask_token_id, self.pad_token_id)
+    if not all(0 <= i < self.vocab_size for i in ids):
       raise ConfigError(f'mask_token_id={self.mask_token_id} / pad_token_id={self.pad_token_id} '
                         f'must be ids below vocab_size={self.vocab_size}')
     if not 0.0 <= self.hidden_dropout_prob < 1.0:
@@ -98,13 +101,20 @@ class EsmConfig:
   def head_dim(self) -> int:
     return self.hidden_size // self.num_attention_heads
 
+  def inv_freq(self) -> np.ndarray:
+    """(head_dim / 2,) float32: the stored table if any, else 1 / theta^(2j / head_dim)."""
+    if self.rope_inv_freq is not None:
+      return np.asarray(self.rope_inv_freq, np.float32)
+    return default_inv_freq(self.head_dim, self.rope_theta)
+
   def replace(self, **kw) -> 'EsmConfig':
     return dataclasses.replace(self, **kw)
 
 
 # ESM-2 sizes (facebook/esm2_*; DPLM 150M / 650M / 3B reuse the last three).
 ESM2_SIZES = {
-    '8m': dict(hidden_size=320, num_hidden_layers=6, num_attention_heads=20, intermediate_size=1280),
+    '8m': dict(hidden_size=320, num_hidden_layers=6, num_attention_heads=20,
+               intermediate_size=1280),
     '35m': dict(hidden_size=480, num_hidden_layers=12, num_attention_heads=20,
                 intermediate_size=1920),
     '150m': dict(hidden_size=640, num_hidden_layers=30, num_attention_heads=20,
@@ -114,10 +124,6 @@ ESM2_SIZES = {
     '3b': dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=40,
                intermediate_size=10240),
 }
-
-
-class Buffer(nnx.Variable):
-  """A stored, never-trained tensor (the rotary inverse frequencies)."""
 
 
 class LayerNorm(nnx.Module):
@@ -141,21 +147,18 @@ class WordEmbeddings(nnx.Module):
     self.embedding = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim)) * 0.02)
 
 
-class RotaryEmbedding(nnx.Module):
-
-  def __init__(self, head_dim: int, theta: float):
-    self.inv_freq = Buffer(default_inv_freq(head_dim, theta))
-
-  def tables(self, length: int):
-    """cos, sin (L, Dh) float32 of cat(θ, θ), θ[p, j] = p · inv_freq[j]."""
-    inv = self.inv_freq[...].astype(jnp.float32)
-    ang = jnp.arange(length, dtype=jnp.float32)[:, None] * inv[None]
-    emb = jnp.concatenate([ang, ang], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+def rotary_tables(length: int, inv_freq: np.ndarray):
+  """cos, sin (L, Dh) float32 of cat(θ, θ), θ[p, j] = p · inv_freq[j]."""
+  inv = jnp.asarray(inv_freq, jnp.float32)
+  ang = jnp.arange(length, dtype=jnp.float32)[:, None] * inv[None]
+  emb = jnp.concatenate([ang, ang], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
 
 
-def default_inv_freq(head_dim: int, theta: float = 10000.0) -> Array:
-  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def default_inv_freq(head_dim: int, theta: float = 10000.0) -> np.ndarray:
+  """1 / theta^(2j / head_dim) in float32, as torch computes it (float32 arange / dim, pow)."""
+  exps = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  return (np.float32(1.0) / (np.float32(theta) ** exps)).astype(np.float32)
 
 
 def rotate_half(x: Array) -> Array:
@@ -257,7 +260,6 @@ class EsmModel(nnx.Module):
 
   def __init__(self, cfg: EsmConfig, *, dtype, rngs: nnx.Rngs):
     self.embeddings = EsmEmbeddings(cfg, rngs=rngs)
-    self.rotary_embeddings = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
     self.encoder = EsmEncoder(cfg, dtype=dtype, rngs=rngs)
 
 
@@ -345,7 +347,7 @@ class EsmTrunk(nnx.Module):
     del sigma_B
     h, valid = self.embed(x, soft_input)
     B, L = h.shape[:2]
-    cos, sin = self.esm.rotary_embeddings.tables(L)
+    cos, sin = rotary_tables(L, self.cfg.inv_freq())
     layers = self.esm.encoder.layer
     layers = layers if num_blocks is None else layers[:num_blocks]
     keys = [None] * len(layers)
