@@ -37,9 +37,11 @@ def _softmax(x):
 
 def forward(t: Mapping, ids, *, n_heads: int, mask_id: int = 32, pad_id: int = 1,
             eps: float = 1e-5, token_dropout: bool = True,
-            attention_mask: Optional[np.ndarray] = None, theta: float = 10000.0):
+            attention_mask: Optional[np.ndarray] = None, theta: float = 10000.0,
+            inv_freq: Optional[np.ndarray] = None):
   """Logits (B, L, V) float64. attention_mask (B, L) of 0/1 as HF's argument (None = all ones,
-  and no pad zeroing), DPLM passes ids != pad_id."""
+  and no pad zeroing), DPLM passes ids != pad_id. inv_freq: a stored rotary table (default
+  1/theta^(2j/Dh))."""
   ids = np.asarray(ids)
   B, L = ids.shape
   W = np.asarray(t['esm.embeddings.word_embeddings.weight'], np.float64)
@@ -54,7 +56,8 @@ def forward(t: Mapping, ids, *, n_heads: int, mask_id: int = 32, pad_id: int = 1
     x = x * attention_mask[..., None]
   D = x.shape[-1]
   Dh = D // n_heads
-  inv = 1.0 / theta ** (np.arange(0, Dh, 2) / Dh)
+  inv = 1.0 / theta ** (np.arange(0, Dh, 2) / Dh) if inv_freq is None else np.asarray(inv_freq,
+                                                                                      np.float64)
   ang = np.arange(L)[:, None] * inv[None]
   emb = np.concatenate([ang, ang], -1)
   cos, sin = np.cos(emb), np.sin(emb)

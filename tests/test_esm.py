@@ -151,13 +151,40 @@ def test_features_project_trunk_and_sigma(hf):
   tensors = {k: v for k, v in hf['tensors'].items() if '.layer.1.' not in k}
   want = ref_np.forward(tensors, IDS, n_heads=HEADS, attention_mask=(IDS != 1).astype(float))
   one = esm_lib.EsmForMaskedLM(model.cfg.replace(num_hidden_layers=1), rngs=nnx.Rngs(0))
-  pure = esm_hf.hf_to_state({k: v.astype(np.float32) for k, v in tensors.items()
-                             if k != 'esm.rotary_embeddings.inv_freq'}, one.cfg)
-  state = nnx.state(one, nnx.Any(nnx.Param, esm_lib.Buffer))
+  pure = esm_hf.hf_to_state({k: v.astype(np.float32) for k, v in tensors.items()}, one.cfg)
+  state = nnx.state(one, nnx.Param)
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
   nnx.update(one, state)
   np.testing.assert_allclose(np.asarray(one(x, None)), want, atol=TOL)
   np.testing.assert_allclose(np.asarray(h1), np.asarray(one.trunk(x, None)[0]), atol=1e-6)
+
+
+def test_stored_inv_freq_is_used_and_exported(hf, tmp_path):
+  model = esm_hf.load_esm(hf['st'])
+  assert model.cfg.rope_inv_freq is None              # HF's table equals the rope_theta default
+  assert len(nnx.split(model, nnx.Param)) == 2        # Params only: splits like the DiT
+  # a table saved in float16 (as some old checkpoints): used exactly, and exported back
+  t = {k: v.astype(np.float32) for k, v in hf['tensors'].items()}
+  inv16 = t['esm.rotary_embeddings.inv_freq'].astype(np.float16).astype(np.float32)
+  assert not np.array_equal(inv16, t['esm.rotary_embeddings.inv_freq'])
+  t['esm.rotary_embeddings.inv_freq'] = inv16
+  d = tmp_path / 'f16'
+  d.mkdir()
+  torch_ckpt.write_safetensors(t, str(d / 'model.safetensors'))
+  (d / 'config.json').write_text((hf['root'] / 'st' / 'config.json').read_text())
+  m16 = esm_hf.load_esm(str(d))
+  assert m16.cfg.rope_inv_freq == tuple(float(v) for v in inv16)
+  out = np.asarray(m16(jnp.asarray(IDS), None), np.float64)
+  mask = (IDS != 1).astype(float)
+  want = ref_np.forward(hf['tensors'], IDS, n_heads=HEADS, attention_mask=mask, inv_freq=inv16)
+  np.testing.assert_allclose(out, want, atol=TOL, rtol=0)
+  assert np.abs(out - np.asarray(model(jnp.asarray(IDS), None))).max() > 1e-6
+  back = esm_hf.state_to_hf(esm_hf.load_esm(esm_hf.export_hf(m16, str(tmp_path / 'x'))))
+  assert np.array_equal(back['esm.encoder.layer.1.attention.self.rotary_embeddings.inv_freq'], inv16)
+  t['esm.encoder.layer.0.attention.self.rotary_embeddings.inv_freq'] = inv16 * 2
+  torch_ckpt.write_safetensors(t, str(d / 'model.safetensors'))
+  with pytest.raises(CheckpointError, match='inv_freq copies must agree'):
+    esm_hf.load_esm(str(d))
 
 
 def test_dropout_and_bf16():

@@ -1,5 +1,5 @@
-"""Protein data: tokenizers (ESM ids equal transformers'), the streaming FASTA / Swiss-Prot reader on
-the Debian EMBOSS test files and on small written files, row layout and generated lengths."""
+"""Protein data: tokenizers (ESM ids equal transformers'), the streaming FASTA / Swiss-Prot reader
+on the Debian EMBOSS test files and on small written files, row layout and generated lengths."""
 import gzip
 import os
 

@@ -19,7 +19,8 @@ def test_composition_closed_forms():
   ref = [UNIFORM, 'A' * 20]
   d = M.composition_divergence([UNIFORM], ref)
   kl = (1 / 20) * math.log((1 / 20) / (21 / 40)) + 19 * (1 / 20) * math.log((1 / 20) / (1 / 40))
-  kl_rev = (21 / 40) * math.log((21 / 40) / (1 / 20)) + 19 * (1 / 40) * math.log((1 / 40) / (1 / 20))
+  kl_rev = ((21 / 40) * math.log((21 / 40) / (1 / 20))
+            + 19 * (1 / 40) * math.log((1 / 40) / (1 / 20)))
   m_a, m_o = 0.5 * (1 / 20 + 21 / 40), 0.5 * (1 / 20 + 1 / 40)
   js = 0.5 * ((1 / 20) * math.log((1 / 20) / m_a) + 19 * (1 / 20) * math.log((1 / 20) / m_o)) + \
       0.5 * ((21 / 40) * math.log((21 / 40) / m_a) + 19 * (1 / 40) * math.log((1 / 40) / m_o))

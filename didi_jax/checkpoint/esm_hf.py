@@ -2,11 +2,11 @@
 
 Sources (`load_esm(source)`):
 
-* a HF model directory: `config.json` + `model.safetensors` | `model.safetensors.index.json` (shards)
-  | `pytorch_model.bin` | `pytorch_model.bin.index.json`. This is the layout of `facebook/esm2_*`
-  and of DPLM's hub checkpoints (`airkingbd/dplm_150m` ...: DPLM's `EsmForDPLM.from_pretrained`
-  reads them as a plain `EsmForMaskedLM` subclass, so the keys are `esm.*` / `lm_head.*`; its
-  config.json adds `dplm_type`, ignored here);
+* a HF model directory: `config.json` + `model.safetensors` | `model.safetensors.index.json`
+  (shards) | `pytorch_model.bin` | `pytorch_model.bin.index.json`. This is the layout of
+  `facebook/esm2_*` and of DPLM's hub checkpoints (`airkingbd/dplm_150m` ...: DPLM's
+  `EsmForDPLM.from_pretrained` reads them as a plain `EsmForMaskedLM` subclass, so the keys are
+  `esm.*` / `lm_head.*`; its config.json adds `dplm_type`, ignored here);
 * a single weights file (.safetensors / .bin / a DPLM Lightning `.ckpt` whose `state_dict` keys
   carry `model.net.`) with `config.json` beside it;
 * `hf:ORG/NAME`, downloaded through `huggingface_hub` (optional; imported only then).
@@ -17,7 +17,9 @@ consumed or on the ignore list: `esm.contact_head.*` (the contact-prediction hea
 `esm.embeddings.position_ids`, `lm_head.decoder.weight` (must equal the word embeddings: the
 decoder is tied) and the rotary `inv_freq` (per layer as transformers 4 / DPLM, shared
 `esm.rotary_embeddings.inv_freq` as transformers 5, or the literal `esm.encoder.layer.*.` key
-transformers 5 writes): it is loaded into the model's non-trained buffer (all copies must agree).
+transformers 5 writes): all copies must agree, and a table that differs from the one rope_theta
+gives (e.g. one saved in float16) is kept in `EsmConfig.rope_inv_freq`, so the model uses exactly
+the checkpoint's frequencies.
 Missing keys, unexpected keys and shape mismatches are one-line `CheckpointError`s naming the key.
 pytorch_model.bin / .ckpt are read by `torch_ckpt` (no pickled code ever runs).
 
@@ -51,7 +53,8 @@ _WORD = 'esm.embeddings.word_embeddings.weight'
 _INV_FREQ_SHARED = 'esm.rotary_embeddings.inv_freq'
 _INV_FREQ_LAYER = re.compile(r'^esm\.encoder\.layer\.(\d+|\*)\.attention\.self\.rotary_embeddings'
                              r'\.inv_freq$')
-_IGNORED = re.compile(r'^(esm\.contact_head\..*|esm\.embeddings\.position_ids|lm_head\.decoder\.weight)$')
+_IGNORED = re.compile(r'^(esm\.contact_head\..*|esm\.embeddings\.position_ids'
+                      r'|lm_head\.decoder\.weight)$')
 
 # ------------------------------------------------------------------------------------- config
 
@@ -124,8 +127,8 @@ def _path_to_hf(path: tuple) -> tuple[str, bool]:
 
 
 def _flat_state(model) -> dict:
-  """{our path tuple: array} of Params and the inv_freq Buffer."""
-  pure = nnx.state(model, nnx.Any(nnx.Param, esm_lib.Buffer))
+  """{our path tuple: array} of the model's Params."""
+  pure = nnx.state(model, nnx.Param)
   flat = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(pure))[0]:
     flat[tuple(getattr(p, 'key', getattr(p, 'idx', None)) for p in path)] = leaf
@@ -137,7 +140,7 @@ def _abstract_model(cfg: esm_lib.EsmConfig):
 
 
 def expected_shapes(cfg: esm_lib.EsmConfig) -> dict:
-  """{HF name: torch-layout shape} the importer requires (inv_freq under its shared name)."""
+  """{HF name: torch-layout shape} of every parameter the importer requires."""
   out = {}
   for path, leaf in _flat_state(_abstract_model(cfg)).items():
     name, transpose = _path_to_hf(path)
@@ -244,26 +247,38 @@ def _strip_prefix(tensors: Mapping[str, np.ndarray], label: str) -> dict:
   return out
 
 
-def hf_to_state(tensors: Mapping[str, np.ndarray], cfg: esm_lib.EsmConfig,
-                label: str = 'checkpoint') -> dict:
-  """Pure nested dict (our layout, float32 host arrays) of HF-named tensors; strict."""
+def stored_inv_freq(tensors: Mapping[str, np.ndarray], cfg: esm_lib.EsmConfig,
+                    label: str = 'checkpoint') -> Optional[tuple]:
+  """The checkpoint's rotary inv_freq as a tuple if it differs from the rope_theta default (the
+  value for `EsmConfig.rope_inv_freq`), else None; all stored copies must agree."""
   tensors = _strip_prefix(tensors, label)
-  want = expected_shapes(cfg)
   inv = [(k, v) for k, v in tensors.items() if _INV_FREQ_LAYER.match(k) or k == _INV_FREQ_SHARED]
   for k, v in inv[1:]:
     if v.shape != inv[0][1].shape or not np.array_equal(v, inv[0][1]):
       raise CheckpointError(f'{label}: {k} differs from {inv[0][0]}: the rotary inv_freq copies '
                             'must agree')
-  used = {k for k, _ in inv}
+  if not inv:
+    return None
+  arr = np.asarray(inv[0][1]).astype(np.float32).reshape(-1)
+  if arr.shape != (cfg.head_dim // 2,):
+    raise CheckpointError(f'{label}: {inv[0][0]} has shape {list(arr.shape)}, the config needs '
+                          f'[{cfg.head_dim // 2}]: config.json and the weights disagree')
+  if np.array_equal(arr, esm_lib.default_inv_freq(cfg.head_dim, cfg.rope_theta)):
+    return None
+  return tuple(float(v) for v in arr)
+
+
+def hf_to_state(tensors: Mapping[str, np.ndarray], cfg: esm_lib.EsmConfig,
+                label: str = 'checkpoint') -> dict:
+  """Pure nested dict (our layout, float32 host arrays) of HF-named tensors; strict. The
+  rotary inv_freq is not a parameter: read it with `stored_inv_freq`."""
+  tensors = _strip_prefix(tensors, label)
+  want = expected_shapes(cfg)
+  used = {k for k in tensors if _INV_FREQ_LAYER.match(k) or k == _INV_FREQ_SHARED}
   flat = {}
   missing = []
   for name, shape in want.items():
-    if name == _INV_FREQ_SHARED:
-      if inv:
-        arr = np.asarray(inv[0][1])
-      else:
-        arr = np.asarray(esm_lib.default_inv_freq(cfg.head_dim, cfg.rope_theta))
-    elif name in tensors:
+    if name in tensors:
       arr = np.asarray(tensors[name])
       used.add(name)
     else:
@@ -298,20 +313,22 @@ def hf_to_state(tensors: Mapping[str, np.ndarray], cfg: esm_lib.EsmConfig,
   return out
 
 
-def state_to_hf(model, *, layered_inv_freq: bool = True) -> 'collections.OrderedDict[str, np.ndarray]':
-  """HF-named float32 tensors (torch layout) of a model, in a stable order; the inv_freq buffer
-  per layer (transformers 4 / DPLM layout) or shared (`layered_inv_freq=False`)."""
+def state_to_hf(model, *, layered_inv_freq: bool = True
+                ) -> 'collections.OrderedDict[str, np.ndarray]':
+  """HF-named float32 tensors (torch layout) of a model, in a stable order, plus the rotary
+  inv_freq buffer per layer (transformers 4 / DPLM layout) or shared (`layered_inv_freq=False`)."""
   cfg = model.cfg
   out = collections.OrderedDict()
   for path, leaf in sorted(_flat_state(model).items(), key=lambda kv: [str(p) for p in kv[0]]):
     name, transpose = _path_to_hf(path)
     arr = np.asarray(jax.device_get(leaf), np.float32)
-    arr = np.ascontiguousarray(arr.T) if transpose else arr
-    if name == _INV_FREQ_SHARED and layered_inv_freq:
-      for i in range(cfg.num_hidden_layers):
-        out[f'esm.encoder.layer.{i}.attention.self.rotary_embeddings.inv_freq'] = arr.copy()
-      continue
-    out[name] = arr
+    out[name] = np.ascontiguousarray(arr.T) if transpose else arr
+  inv = cfg.inv_freq()
+  if layered_inv_freq:
+    for i in range(cfg.num_hidden_layers):
+      out[f'esm.encoder.layer.{i}.attention.self.rotary_embeddings.inv_freq'] = inv.copy()
+  else:
+    out[_INV_FREQ_SHARED] = inv
   return out
 
 
@@ -351,9 +368,11 @@ def load_esm(source: str, *, compute_dtype: str = 'float32', **overrides
   `overrides` replace EsmConfig fields (e.g. pad_attention_mask=False, hidden_dropout_prob=0)."""
   hf_cfg, tensors, label = read_checkpoint(resolve(source))
   cfg = config_from_hf(hf_cfg, compute_dtype=compute_dtype, **overrides)
+  if 'rope_inv_freq' not in overrides:
+    cfg = cfg.replace(rope_inv_freq=stored_inv_freq(tensors, cfg, label))
   pure = hf_to_state(tensors, cfg, label)
   model = esm_lib.EsmForMaskedLM(cfg, rngs=nnx.Rngs(0))
-  state = nnx.state(model, nnx.Any(nnx.Param, esm_lib.Buffer))
+  state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
   nnx.update(model, state)
   return model

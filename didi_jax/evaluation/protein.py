@@ -219,8 +219,8 @@ def score_structure(scorer: Callable, sequences: Sequence[str]) -> dict:
                      'return one finite pLDDT per sequence')
   if vals.min() < 0 or vals.max() > 100 or vals.max() <= 1.0:
     # all values <= 1 is a 0-1 scale (ESMFold's raw output): no real 0-100 pLDDT is that low.
-    raise ValueError(f'the structure scorer returned pLDDT in [{vals.min():.3g}, {vals.max():.3g}]: '
-                     'return values on the 0-100 scale')
+    raise ValueError(f'the structure scorer returned pLDDT in [{vals.min():.3g}, '
+                     f'{vals.max():.3g}]: return values on the 0-100 scale')
   return {'plddt_mean': float(vals.mean()), 'plddt_median': float(np.median(vals)),
           'plddt_over_70': float(np.mean(vals > 70.0)), 'plddt': vals.tolist()}
 
@@ -232,7 +232,8 @@ def esmfold_scorer(model_name_or_path: str = 'facebook/esmfold_v1', *, device: s
   predicted pLDDT × 100. Not exercised by the tests (no weights offline)."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
-    from transformers import AutoTokenizer, EsmForProteinFolding  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from transformers import AutoTokenizer, EsmForProteinFolding
   except ImportError as e:
     raise ImportError('esmfold_scorer needs torch and transformers: pip install torch '
                       'transformers') from e

@@ -18,7 +18,8 @@ rotary on q and k in float32, non-interleaved rotate-half `cat(−x2, x1)` with 
 `cat(θ, θ)`, θ[p, j] = p · inv_freq[j], positions p = 0..L−1 (pad tokens included: HF and DPLM use
 arange(L) for rotary whatever the padding), inv_freq = 1/rope_theta^(2j/Dh), or the checkpoint's
 stored buffer where it differs (`cfg.rope_inv_freq`, a static tuple: the model holds only
-`nnx.Param`s, so `nnx.split(model, nnx.Param)` works as for the DiT); softmax with no further scale; PAD keys masked (−inf) when `cfg.pad_attention_mask`.
+`nnx.Param`s, so `nnx.split(model, nnx.Param)` works as for the DiT); softmax with no further
+scale; PAD keys masked (−inf) when `cfg.pad_attention_mask`.
 
 Token dropout (ESM-2's `token_dropout=True`, exactly HF `EsmEmbeddings`): embeddings of `<mask>`
 are zeroed and all embeddings of a sequence are scaled by (1 − 0.12) / (1 − m), m = (#<mask>) /
