@@ -13,6 +13,7 @@ from flax import nnx
 from didi_jax.checkpoint import esm_hf, torch_ckpt
 from didi_jax.errors import CheckpointError
 from didi_jax.models import esm as esm_lib
+from didi_jax.models.interface import Denoiser
 from tests import reference_esm_numpy as ref_np
 
 torch = pytest.importorskip('torch')
@@ -142,6 +143,12 @@ def test_features_project_trunk_and_sigma(hf):
   full = np.asarray(model(x, jnp.zeros(3)))
   np.testing.assert_array_equal(np.asarray(model(x, jnp.full(3, 7.0))), full)   # σ ignored
   np.testing.assert_allclose(np.asarray(model.project(model.features(x, None))), full, atol=0)
+  # the Denoiser interface: projection is a module of its own (split / merge like DiT's Linear)
+  assert isinstance(model, Denoiser) and model.trunk_modules == ('esm',)
+  gd, st = nnx.split(model.projection)
+  assert {str(k) for k in st.keys()} == {'lm_head', 'word_embeddings'}
+  feats = model.features(x, None)
+  np.testing.assert_allclose(np.asarray(nnx.merge(gd, st)(feats[:, 2:4])), full[:, 2:4], atol=0)
   h, c = model.trunk(x, None)
   assert h.shape == (3, 10, 16) and h.dtype == jnp.float32 and c.shape == (3, 0)
   f = model.esm.encoder.emb_layer_norm_after(h)

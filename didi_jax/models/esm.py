@@ -363,17 +363,35 @@ class EsmTrunk(nnx.Module):
     return h, jnp.zeros((B, 0), jnp.float32)
 
 
+class EsmProjection(nnx.Module):
+  """features (..., D) -> logits (..., V): the LM head with its tied decoder, as one module
+  (shares the model's `lm_head` and `word_embeddings`; `nnx.split` of it holds just those)."""
+
+  def __init__(self, lm_head: EsmLMHead, word_embeddings: WordEmbeddings):
+    self.lm_head = lm_head
+    self.word_embeddings = word_embeddings
+
+  def __call__(self, f: Array) -> Array:
+    return self.lm_head(f, self.word_embeddings.embedding[...])
+
+
 class EsmForMaskedLM(EsmTrunk):
   """Denoiser: (ids (B, L) or soft input (B, L, V), σ_B ignored) -> logits (B, L, V).
 
-  Same call interface as `models.dit.DiT` (`__call__`, `features`, `trunk`), plus `project`
-  (the LM head applied to `features`: `project(features(x, σ)) == self(x, σ)`), which a sparse
-  sampler uses where a DiT offers `output_layer.linear`.
+  Implements `models.interface.Denoiser` like `models.dit.DiT` (`__call__`, `features`,
+  `projection`, `trunk_modules`, and `trunk` for a discriminator): `projection(features(x, σ))
+  == self(x, σ)` (`project` is the same as a method).
   """
+  trunk_modules = ('esm',)
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
     self.lm_head = EsmLMHead(self.cfg, dtype=jnp.dtype(self.cfg.compute_dtype), rngs=rngs)
+
+  @property
+  def projection(self) -> EsmProjection:
+    """features (B, L, D) -> logits (B, L, V), position by position."""
+    return EsmProjection(self.lm_head, self.esm.embeddings.word_embeddings)
 
   def features(self, x, sigma_B=None, *, soft_input: str = 'logits',
                dropout_key: Optional[Array] = None) -> Array:
