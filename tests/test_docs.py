@@ -216,3 +216,39 @@ def test_no_citations_of_the_unshipped_working_note(files):
       hits.append(f'{_rel(path)}:{_line(text, m.start())}: {line[:100]}')
   assert not hits, (f'{len(hits)} citations of the working note SPEC, which is not shipped; cite '
                     'docs/method.md instead:\n' + '\n'.join(hits))
+
+
+def _testing_table() -> Dict[str, List[str]]:
+  """docs/testing.md's module table: {module path below didi_jax/: [test files]}."""
+  text = (ROOT / 'docs' / 'testing.md').read_text(encoding='utf-8')
+  section = text.split("## Where each module's tests are", 1)[1]
+  table: Dict[str, List[str]] = {}
+  for line in section.splitlines():
+    cells = line.split('|')
+    if len(cells) < 4 or not cells[1].strip().startswith('`'):
+      continue
+    tests = re.findall(r'`(test_\w+\.py)`', cells[2])
+    prefix = ''
+    for name in re.findall(r'`([^`]+)`', cells[1]):
+      if '/' in name:
+        prefix = name.rsplit('/', 1)[0] + '/'
+      else:
+        name = prefix + name
+      table[name] = tests
+  return table
+
+
+def test_every_module_has_its_tests_listed():
+  table = _testing_table()
+  modules = sorted(str(p.relative_to(ROOT / 'didi_jax'))
+                   for p in (ROOT / 'didi_jax').rglob('*.py')
+                   if p.name != '__init__.py' or p.parent.name in ('models', 'sampling'))
+  modules.append('__init__.py')
+  globbed = {k[:-1] for k in table if k.endswith('*')}
+  missing = [m for m in modules
+             if m not in table and not any(m.startswith(g) for g in globbed)]
+  assert not missing, f'docs/testing.md lists no tests for {missing}'
+  for module, tests in table.items():
+    assert tests, module
+    for t in tests:
+      assert (ROOT / 'tests' / t).is_file(), f'{module}: tests/{t} does not exist'

@@ -11,7 +11,7 @@ importer), with the real torch and safetensors.torch.
 * a torch-pickled payload (`__reduce__` -> os.system) is refused with a one-line error and never
   runs.
 
-Tiny models (tests/test_checkpoint_import.py sizes); files live in tmp_path.
+Tiny models (tests/test_importer.py sizes); files live in tmp_path.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from didi_jax.checkpoint import exporter
 from didi_jax.checkpoint import importer
 from didi_jax.checkpoint import names
 from didi_jax.checkpoint import torch_ckpt
-from tests import test_checkpoint_import as ck   # official(), tiny_cfg(), the NumPy reference
+from tests import test_importer as ck   # official(), tiny_cfg(), the NumPy reference
 
 TORCH_DTYPE = {
     np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
