@@ -5,6 +5,7 @@ The one home of the noise schedule (docs/method.md §2, §4). Times t ∈ [0, 1]
 """
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -39,6 +40,8 @@ def mask_prob(t):
 
 def forward_mask(key, ids_BxL, t_B, mask_id: int):
   """q(z_t | x): each token independently becomes [MASK] with probability 1 − α_t."""
+  chex.assert_rank(ids_BxL, 2)
+  chex.assert_shape(t_B, (ids_BxL.shape[0],))
   u = jax.random.uniform(key, ids_BxL.shape)
   p = mask_prob(t_B)[:, None]
   return jnp.where(u < p, mask_id, ids_BxL)
@@ -89,6 +92,9 @@ def subs_logprob_at(logits_BxLxV, z_BxL, x_BxL, mask_id: int):
 
 def nelbo_per_token(logits_BxLxV, z_BxL, x_BxL, t_B, mask_id: int):
   """Continuous-time MDLM NELBO per token: −(1/t)·log x_θ(z_t)_{x_i} at masked positions, else 0."""
+  chex.assert_rank(logits_BxLxV, 3)
+  chex.assert_equal_shape([z_BxL, x_BxL, logits_BxLxV[..., 0]])
+  chex.assert_shape(t_B, (x_BxL.shape[0],))
   lp = subs_logprob_at(logits_BxLxV, z_BxL, x_BxL, mask_id)
   masked = z_BxL == mask_id
   w = (-dalpha(t_B) / (1.0 - alpha(t_B)))[:, None]

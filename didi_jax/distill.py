@@ -17,6 +17,7 @@ import dataclasses
 import math
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -477,6 +478,10 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
 
   def step(state: ds.DistillState, teacher_params: PyTree, x_data_BxL: Optional[Array],
            key: Array):
+    if x_data_BxL is not None:
+      chex.assert_rank(x_data_BxL, 2)
+      chex.assert_type(x_data_BxL, int)
+      chex.assert_axis_dimension(x_data_BxL, 1, cfg.model.length)
     B = d.batch_size if x_data_BxL is None else x_data_BxL.shape[0]
     N = B * G
     k = state.step

@@ -140,3 +140,20 @@ def test_factory_builds_every_role_and_refuses_unknown_ones():
   ar.kind = 'transformer-xl'
   with pytest.raises(ValueError, match='not a known architecture'):
     models.build(ar)
+
+
+def test_the_interface_input_contract_is_asserted_at_the_boundary():
+  cfg = tiny_cfg().model
+  den = models.build(cfg, seed=0)
+  ids = jnp.zeros((2, cfg.length), jnp.int32)
+  sigma = jnp.ones((2,))
+  den(ids, sigma)                                                    # the contract
+  den(jax.nn.one_hot(ids, cfg.vocab_size), sigma)                    # soft input (B, L, V)
+  with pytest.raises(AssertionError):
+    den(ids.astype(jnp.float32), sigma)                              # float "ids"
+  with pytest.raises(AssertionError):
+    den(ids, sigma[:, None])                                         # σ of shape (B, 1)
+  with pytest.raises(AssertionError):
+    den(jnp.zeros((2, cfg.length, cfg.vocab_size - 1)), sigma)       # soft input without [MASK]
+  with pytest.raises(AssertionError):
+    jax.jit(den)(ids[:1], sigma)                                     # batch sizes disagree

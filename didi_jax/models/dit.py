@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from didi_jax.models import interface
+
 Array = jax.Array
 
 
@@ -224,6 +226,7 @@ class DiTTrunk(nnx.Module):
             dropout_key: Optional[Array] = None, num_blocks=None):
     """Returns (hidden_BxLxD float32, c_BxC float32). x: ids (B, L), or a soft input (B, L, V)
     read as `soft_input` ('logits': softmax inside, the official contract; 'probs')."""
+    interface.check_inputs(x, sigma_B, self.vocab_embed.embedding.shape[0])
     h = self.vocab_embed(x, soft_input)
     L = h.shape[1]
     c = jax.nn.silu(self.sigma_map(sigma_B))

@@ -16,9 +16,22 @@ from __future__ import annotations
 
 from typing import Optional, Protocol, runtime_checkable
 
+import chex
 import jax
 
 Array = jax.Array
+
+
+def check_inputs(x: Array, sigma_B: Array, vocab_size: int) -> None:
+  """The interface's input contract, asserted where a network is entered (trace time, free
+  under jit): ids (B, L) of an integer type, or a float soft input (B, L, V); σ of shape (B,)."""
+  if x.ndim == 2:
+    chex.assert_type(x, int)
+  else:
+    chex.assert_rank(x, 3)
+    chex.assert_type(x, float)
+    chex.assert_axis_dimension(x, 2, vocab_size)
+  chex.assert_shape(sigma_B, (x.shape[0],))
 
 
 @runtime_checkable

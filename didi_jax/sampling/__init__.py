@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import chex
 import jax
 
 from didi_jax.sampling import ancestral as _ancestral
@@ -35,6 +36,9 @@ def sample_from_config(sampler_cfg, key: jax.Array, batch_size: int, length: int
   project_fn)` when `sampler_cfg.sparse_reveal` is set; kind='rgas': `rgas_sample(denoise_fn,
   disc_fn)`. Call inside `jax.jit` with the networks closed over.
   """
+  if x_init is not None:
+    chex.assert_shape(x_init, (batch_size, length))
+    chex.assert_type(x_init, int)
   sparse = bool(sampler_cfg.get('sparse_reveal', False))
   if sampler_cfg.kind == 'rgas':
     if denoise_fn is None or disc_fn is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+import chex
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,8 @@ def _fresh_state(cfg, tx, seed: int) -> dict:
 
 def loss_terms(cfg, graphdef, params, x_BxL, key, train: bool):
   """Per-token loss (B, L) and the mask it averages over."""
+  chex.assert_rank(x_BxL, 2)
+  chex.assert_type(x_BxL, int)
   mask_id = cfg.model.vocab_size - 1
   model = nnx.merge(graphdef, params)
   key_t, key_mask, key_drop = jax.random.split(key, 3)
