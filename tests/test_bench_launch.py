@@ -1,7 +1,6 @@
 """Benchmark CLI and launch scripts: syntax, usage, FLOP formulas, a tiny benchmark run, and a
 real 2-process x 2-device CPU pre-training run through launch/local/multiprocess_cpu.sh."""
 import glob
-import importlib.util
 import json
 import os
 import subprocess
