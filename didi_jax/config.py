@@ -32,6 +32,9 @@ def model_config(size: str = 'small', vocab_size: int = 50258, length: int = 102
   d, n, h, m, c = MODEL_SIZES[size]
   return ml_collections.ConfigDict(dict(
       kind='dit',                 # 'dit' (masked diffusion) | 'ar' (causal GPT-2-style baseline)
+                                  # | 'esm' (ESM-2 / DPLM protein masked LM; the size fields
+                                  # below map onto ESM's: hidden_size, num_hidden_layers,
+                                  # num_attention_heads, intermediate_size; cond_dim unused)
       size=size,                  # informational; the numbers below are what is built
       hidden_size=d,              # model width d (paper's small: 768)
       n_blocks=n,                 # transformer blocks (small: 12)
@@ -44,6 +47,15 @@ def model_config(size: str = 'small', vocab_size: int = 50258, length: int = 102
       compute_dtype='bfloat16',   # matmul dtype: 'bfloat16' (official autocast) | 'float32'
       attention_impl='xla',       # 'xla' | 'cudnn' (GPU fused attention) | 'auto' (JAX picks)
       remat=False,                # recompute each block in the backward pass (saves memory)
+      esm=ml_collections.ConfigDict(dict(   # model.kind='esm' only (HF EsmConfig names)
+          pad_token_id=1,         # id of <pad> in the model vocabulary (ESM-2 / DPLM: 1; our
+                                  # 'protein' tokenizer: 26); [MASK] is always vocab_size - 1
+          token_dropout=True,     # ESM-2's <mask> embedding rescaling (ESM-2 / DPLM: True)
+          layer_norm_eps=1e-5,    # LayerNorm epsilon, > 0 (ESM-2 / DPLM: 1e-5)
+          rope_theta=10000.0,     # rotary base, > 0 (ESM-2: 10000)
+          emb_layer_norm_before=False,  # LayerNorm on the embeddings (ESM-2: False)
+          rope_inv_freq=None)),   # a checkpoint's stored rotary table when it differs from
+                                  # rope_theta's (set by the loader; None: from rope_theta)
   ))
 
 
@@ -56,8 +68,23 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.model = model_config('small')
 
   cfg.data = ml_collections.ConfigDict(dict(
-      source='owt',               # 'owt' | 'shakespeare' | 'text' | 'npy'
-      tokenizer='gpt2',           # 'gpt2' (BPE, 50257 ids) | 'byte' (256 bytes + EOS)
+      source='owt',               # 'owt' | 'shakespeare' | 'text' | 'npy' | 'fasta' (proteins)
+      tokenizer='gpt2',           # 'gpt2' (BPE, 50257 ids) | 'byte' (256 bytes + EOS) | 'protein'
+                                  # (25 residues + EOS + PAD, 27 ids) | 'esm' (ESM-2 alphabet,
+                                  # 32 ids; DPLM's)
+      fasta='',                   # 'fasta': comma-separated FASTA / Swiss-Prot files or globs
+                                  # (plain or .gz); one protein per row, never packed
+      layout='eos',               # 'fasta' rows: 'eos' (residues, EOS, EOS ...) | 'pad' (residues,
+                                  # EOS, PAD ...); either way the loss and the samplers cover
+                                  # every position and a sample ends at its first EOS
+      bos=False,                  # 'fasta': put the tokenizer's BOS (<cls>) in front of each row
+                                  # (DPLM rows start with <cls>: True with tokenizer 'esm')
+      dedup=True,                 # 'fasta': drop records whose sequence was seen before
+      long_records='crop',        # 'fasta': a record longer than the row's residue capacity
+                                  # (length - 1 - bos) is cropped to a random window ('crop',
+                                  # DPLM's choice) or dropped ('skip')
+      crop_seed=0,                # 'fasta': seed of the crop windows, >= 0 (a function of seed,
+                                  # name and sequence only)
       paths='',                   # 'text' (and 'owt' local dump): comma-separated globs/dirs of
                                   # .txt/.jsonl; 'npy': dir with train.npy/valid.npy
       jsonl_field='text',         # field of .jsonl records (and HF rows) holding the text
@@ -67,7 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # 1000); 0 = one global stream
       valid_docs=100000,          # OWT: the last N documents are validation (train[-100000:])
       valid_fraction=0.05,        # shakespeare/text: tail fraction of every document held out,
-                                  # in (0, 1)
+                                  # in (0, 1); fasta: fraction of records held out (a record is
+                                  # valid iff blake2b(name, sequence) / 2^64 < valid_fraction)
       shuffle_seed=42,            # seed of the per-epoch permutation of training blocks
                                   # (official distillation loader: 42)
       num_workers=0,              # training batches prepared ahead in background threads (0: none)
@@ -224,6 +252,13 @@ def base_config() -> ml_collections.ConfigDict:
       samples_file='',            # evaluate an existing samples .jsonl
       bootstrap=1000,             # bootstrap resamples of the 95% intervals (0: none)
       nelbo_batches=16,           # validation batches of the NELBO check (0: skip)
+      structure_scorer='',        # proteins: '' (none) | 'esmfold' (HF facebook/esmfold_v1 via
+                                  # torch + transformers) | a local ESMFold dir: mean pLDDT per
+                                  # sweep row (never faked: a missing model is an error)
+      protein_reference=512,      # proteins: training records the sweep's composition / length
+                                  # / diversity metrics compare against, >= 1
+      nelbo_draws=4,              # proteins: noise draws per sample of the teacher's NELBO of
+                                  # the generated rows (a judge-free likelihood), >= 1
   ))
 
   cfg.sweep = ml_collections.ConfigDict(dict(
@@ -252,11 +287,13 @@ def base_config() -> ml_collections.ConfigDict:
 
 _CHOICES = {
     'job': JOBS,
-    'model.kind': ('dit', 'ar'),
+    'model.kind': ('dit', 'ar', 'esm'),
     'model.compute_dtype': ('bfloat16', 'float32'),
     'model.attention_impl': ('xla', 'cudnn', 'auto'),
-    'data.source': ('owt', 'shakespeare', 'text', 'npy'),
-    'data.tokenizer': ('gpt2', 'byte'),
+    'data.source': ('owt', 'shakespeare', 'text', 'npy', 'fasta'),
+    'data.tokenizer': ('gpt2', 'byte', 'protein', 'esm'),
+    'data.layout': ('eos', 'pad'),
+    'data.long_records': ('crop', 'skip'),
     'teacher.weights': ('ema', 'raw'),
     'distill.real_source': ('data', 'teacher_samples'),
     'distill.init': ('teacher', 'checkpoint'),
@@ -315,6 +352,12 @@ _RANGES = {
     'data.valid_docs': (_positive, 'a positive number of documents'),
     'data.valid_fraction': (_unit_open, 'in (0, 1)'),
     'data.num_workers': (_non_negative, '>= 0'),
+    'data.crop_seed': (_non_negative, '>= 0'),
+    'model.esm.pad_token_id': (_non_negative, 'an id >= 0 below model.vocab_size'),
+    'model.esm.layer_norm_eps': (_positive, 'positive (ESM-2: 1e-5)'),
+    'model.esm.rope_theta': (_positive, 'positive (ESM-2: 10000)'),
+    'eval.protein_reference': (_positive, 'a positive number of training records'),
+    'eval.nelbo_draws': (_positive, 'a positive number of noise draws'),
     'pretrain.batch_size': (_positive, 'a positive number of sequences'),
     'pretrain.num_steps': (_positive, 'a positive number of steps'),
     'pretrain.lr': (_non_negative, '>= 0'),
@@ -430,8 +473,55 @@ def _check_judges(cfg) -> None:
                       'only the further judges there')
 
 
+PROTEIN_TOKENIZERS = ('protein', 'esm')
+PROTEIN_PAD = {'protein': 26, 'esm': 1}      # <pad> id of each protein tokenizer
+
+
 def tokenizer_vocab(name: str) -> int:
-  return {'gpt2': 50257, 'byte': 257}[name]
+  return {'gpt2': 50257, 'byte': 257, 'protein': 27, 'esm': 32}[name]
+
+
+def is_protein(cfg) -> bool:
+  """Protein data (a protein tokenizer): judge-free protein metrics instead of Gen PPL."""
+  return cfg.data.tokenizer in PROTEIN_TOKENIZERS
+
+
+def _check_protein(cfg) -> None:
+  """The protein combinations (data source, tokenizer, model kind, ESM ids, structure scorer)."""
+  d, m = cfg.data, cfg.model
+  protein_tok = d.tokenizer in PROTEIN_TOKENIZERS
+  if d.source == 'fasta' and not protein_tok:
+    raise ConfigError(f'data.source=fasta needs a protein tokenizer, not {d.tokenizer!r}: set '
+                      '--config.data.tokenizer=protein (or esm)')
+  if d.source == 'fasta' and not d.fasta:
+    raise ConfigError('data.source=fasta needs --config.data.fasta=FILE_OR_GLOB[,...]')
+  if protein_tok and d.source not in ('fasta', 'npy'):
+    raise ConfigError(f'data.tokenizer={d.tokenizer!r} reads proteins: set '
+                      '--config.data.source=fasta (and data.fasta=FILE)')
+  if m.kind == 'esm' and not protein_tok:
+    raise ConfigError(f'model.kind=esm is a protein model: set --config.data.tokenizer=esm (or '
+                      f'protein), not {d.tokenizer!r}')
+  if m.kind == 'ar' and protein_tok:
+    raise ConfigError('the AR baseline is for text: use model.kind=dit or esm with protein data')
+  if d.source == 'fasta' and m.length < 3 + int(d.bos):
+    raise ConfigError(f'model.length={m.length} leaves no room for residues: use at least '
+                      f'{3 + int(d.bos)}')
+  if m.kind == 'esm':
+    if d.tokenizer in PROTEIN_PAD and m.esm.pad_token_id != PROTEIN_PAD[d.tokenizer]:
+      raise ConfigError(f'model.esm.pad_token_id={m.esm.pad_token_id} but tokenizer '
+                        f'{d.tokenizer!r} pads with {PROTEIN_PAD[d.tokenizer]}: set '
+                        f'--config.model.esm.pad_token_id={PROTEIN_PAD[d.tokenizer]}')
+    if m.n_heads and (m.hidden_size // m.n_heads) % 2:
+      raise ConfigError('model.kind=esm: hidden_size / n_heads must be even (rotary)')
+  if d.bos and d.tokenizer == 'protein':
+    raise ConfigError("data.bos=True: tokenizer 'protein' has no BOS distinct from EOS; use "
+                      'bos=False (or tokenizer esm)')
+  scorer = cfg.eval.structure_scorer
+  if scorer and not protein_tok:
+    raise ConfigError('eval.structure_scorer scores proteins: set it to \'\' for text data')
+  if scorer and scorer != 'esmfold' and not os.path.exists(os.path.expanduser(scorer)):
+    raise ConfigError(f'eval.structure_scorer={scorer!r} is neither esmfold nor an existing '
+                      'ESMFold directory: fix the path (or \'\' for none)')
 
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -453,13 +543,14 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   parse_nfes(cfg.sweep.nfes, 'sweep.nfes')
   parse_nfes(cfg.sweep.teacher_nfes, 'sweep.teacher_nfes')
   _check_judges(cfg)
+  _check_protein(cfg)
   m = cfg.model
   if m.hidden_size % m.n_heads:
     raise ConfigError(f'model.hidden_size={m.hidden_size} is not divisible by model.n_heads='
                       f'{m.n_heads}: pick sizes with hidden_size % n_heads == 0')
   if (m.hidden_size // m.n_heads) % 2:
     raise ConfigError('model head dim (hidden_size / n_heads) must be even for rotary embeddings')
-  want_vocab = tokenizer_vocab(cfg.data.tokenizer) + (1 if m.kind == 'dit' else 0)
+  want_vocab = tokenizer_vocab(cfg.data.tokenizer) + (0 if m.kind == 'ar' else 1)
   if m.vocab_size != want_vocab:
     raise ConfigError(f'model.vocab_size={m.vocab_size} but tokenizer {cfg.data.tokenizer!r} '
                       f'needs {want_vocab} (ids + [MASK]): set --config.model.vocab_size={want_vocab}')

@@ -23,7 +23,10 @@ def check(cfg) -> None:
   """Everything checked before any work: the config's own values (`config.validate`), then
   what the jobs' modules know (each judge resolves; the ablation's rows). ConfigError, one line."""
   config_lib.validate(cfg)
-  if cfg.job in JUDGING_JOBS:
+  if config_lib.is_protein(cfg) and cfg.job in ('evaluate', 'ablate'):
+    raise config_lib.ConfigError(f'job={cfg.job} judges text: for proteins run --config.job=sweep '
+                                 '(the protein metrics per model and NFE)')
+  if cfg.job in JUDGING_JOBS and not config_lib.is_protein(cfg):
     judges.check_judge_name(cfg.eval.judge, 'eval.judge')
     for name in config_lib.parse_list(cfg.eval.extra_judges, 'eval.extra_judges'):
       judges.check_judge_name(name, 'eval.extra_judges')

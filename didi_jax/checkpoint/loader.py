@@ -8,7 +8,11 @@ A source is one of:
     named network's arrays are read from the latest orbax checkpoint (teacher / ar: EMA or raw
     weights per `weights`; student / student_ema / discriminator from a distillation);
   * anything `didi_jax.checkpoint.importer` reads: official Lightning `.ckpt`, HF safetensors
-    folders, `hf:ORG/NAME`, our exported `.safetensors` / `.npz`.
+    folders, `hf:ORG/NAME`, our exported `.safetensors` / `.npz`;
+  * an ESM-2 / DPLM masked LM (`is_esm_source`: a HF dir whose config.json has model_type 'esm',
+    a weights file / DPLM Lightning `.ckpt` beside such a config.json, or `hf:airkingbd/dplm_*` /
+    `hf:facebook/esm2_*`), read by `checkpoint.esm_hf.load_esm` into a model.kind='esm' network
+    (teacher / student roles; it holds no discriminator).
 The model config comes from the run's own config, our export's stored config, or is inferred from
 tensor shapes; `model_cfg` overrides the sizes for imported files. Networks are built by the
 model factory (`didi_jax.models`), so any registered architecture loads the same way.
@@ -16,6 +20,7 @@ model factory (`didi_jax.models`), so any registered architecture loads the same
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Optional
 
@@ -24,11 +29,14 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from didi_jax import config as config_lib
 from didi_jax import models
+from didi_jax.checkpoint import esm_hf
 from didi_jax.checkpoint import importer
 from didi_jax.checkpoint import manager as manager_lib
 from didi_jax.checkpoint import names
 from didi_jax.checkpoint.manager import Manager
+from didi_jax.models import esm as esm_lib
 
 ROLES = ('teacher', 'student', 'student_ema', 'discriminator', 'ar')
 CheckpointError = importer.CheckpointError
@@ -92,6 +100,55 @@ def _network_role(role: str) -> str:
   return 'discriminator' if role == 'discriminator' else 'denoiser'
 
 
+ESM_HUB_NAMES = ('airkingbd/dplm', 'facebook/esm2')   # hf: repos read as ESM without a look
+
+
+def _config_json_model_type(directory: str) -> Optional[str]:
+  path = os.path.join(directory, 'config.json')
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f).get('model_type')
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def is_esm_source(source) -> bool:
+  """An ESM-2 / DPLM checkpoint: hf:airkingbd/dplm_* / hf:facebook/esm2_*, or a local dir (or a
+  weights file in a dir) whose config.json says model_type 'esm'."""
+  if not isinstance(source, (str, os.PathLike)):
+    return False
+  source = os.path.expanduser(os.fspath(source))
+  if source.startswith('hf:'):
+    return source[3:].lower().startswith(ESM_HUB_NAMES)
+  directory = source if os.path.isdir(source) else os.path.dirname(source) or '.'
+  return os.path.exists(source) and _config_json_model_type(directory) == 'esm'
+
+
+def _load_esm(source: str, role: str, model_cfg) -> Network:
+  """An ESM / DPLM masked LM as a model.kind='esm' Network; sizes from its config.json, length
+  and precision knobs from `model_cfg` when given."""
+  if role == 'discriminator':
+    raise CheckpointError(f'{source} is an ESM / DPLM masked LM, not a discriminator: load the '
+                          'discriminator from a distillation run')
+  model = esm_hf.load_esm(source)
+  base = config_lib.model_config('small', length=1024) if model_cfg is None \
+      else _model_cfg(model_cfg)
+  fields = esm_lib.model_config_fields(model.cfg)
+  with base.unlocked():
+    for key, value in fields.items():
+      if key == 'esm':
+        base.esm = ml_collections.ConfigDict(value)
+      else:
+        base[key] = value
+    if model_cfg is None:
+      base.compute_dtype = 'float32'
+  gd, params, _ = models.split_abstract(base)
+  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return Network(role, base, gd, _fill(params, pure, source), None, source)
+
+
 def load(source, role: str, model_cfg=None, *, weights: str = 'ema') -> Network:
   """Network `role` from `source` (see the module docstring; an `importer.Source` already opened
   also works). model_cfg: sizes for an imported file (None: the stored config, else inferred from
@@ -104,6 +161,8 @@ def load(source, role: str, model_cfg=None, *, weights: str = 'ema') -> Network:
     src, source = source, source.label
   elif checkpoint_dir(source) is not None:
     return _load_workdir(source, role, weights)
+  elif is_esm_source(source):
+    return _load_esm(source, role, model_cfg)
   else:
     src = importer.open_source(source)
   if model_cfg is None:

@@ -7,6 +7,10 @@ pack_group and split rule; later runs memory-map the file. Files are written to 
 and renamed, so a killed run never leaves a corrupt cache. `data.source='npy'` reads pre-packed
 `train.npy` / `valid.npy` (N, L) from the directory `data.paths` instead.
 
+`data.source='fasta'` caches one protein per row instead (`fasta_rows`: `data.protein.encode_rows`
+of the split's records, `data.sources.iter_protein_records`); the iterators below treat those rows
+exactly as packed blocks (same shuffling, same exact resume).
+
 `TrainIterator` yields this host's contiguous slice of each global batch. Epoch e visits the blocks
 in a grain permutation seeded by (seed, e); the last incomplete global batch of an epoch is dropped.
 Its state (epoch, index, seed, num_blocks, global_batch) is JSON-serialisable and resuming from it
@@ -28,10 +32,10 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from didi_jax.data import tokenizers
+from didi_jax.data import protein, tokenizers
 from didi_jax.data.packing import Packer
 from didi_jax.data.sources import DataError, cache_root, check_split, iter_documents, \
-    source_fingerprint, split_rule
+    iter_protein_records, source_fingerprint, split_rule
 
 CACHE_FORMAT = 1            # bump when tokenisation, splitting or packing changes
 CACHE_KEY_CHARS = 16
@@ -159,6 +163,31 @@ def _build_split(data_cfg, seq_len: int, split: str, directory: str) -> None:
     _write_json_atomic(os.path.join(directory, f'{split}.json'), stats)
 
 
+def fasta_rows(data_cfg, seq_len: int, split: str) -> np.ndarray:
+  """(N, L) rows of the fasta `split`: `protein.encode_rows` of its records in file order."""
+  tok = tokenizers.get_tokenizer(data_cfg.tokenizer)
+  seqs = [r.sequence for r in iter_protein_records(data_cfg, split, seq_len)]
+  return protein.encode_rows(seqs, seq_len, tok, layout=data_cfg.layout, bos=bool(data_cfg.bos))
+
+
+def _build_fasta_split(data_cfg, seq_len: int, split: str, directory: str) -> None:
+  """One protein per row into `directory/<split>.npy` (+ `<split>.json`), like `_build_split`."""
+  os.makedirs(directory, exist_ok=True)
+  rows = fasta_rows(data_cfg, seq_len, split)
+  if not len(rows):
+    raise DataError(f'the {split} split of data.fasta={data_cfg.fasta!r} holds no records: add '
+                    'records or change --config.data.valid_fraction')
+  tok = tokenizers.get_tokenizer(data_cfg.tokenizer)
+  with _BlockWriter(os.path.join(directory, f'{split}.npy'), seq_len, np.uint16) as writer:
+    writer.write(rows)
+    lengths, _ = protein.generated_lengths(rows, tok.eos_id,
+                                           bos_id=tok.bos_id if data_cfg.bos else None)
+    stats = {'split': split, 'num_docs': len(rows), 'num_blocks': len(rows),
+             'num_residues': int(np.sum(lengths)), 'dtype': 'uint16',
+             'key': cache_key(data_cfg, seq_len)}
+    _write_json_atomic(os.path.join(directory, f'{split}.json'), stats)
+
+
 def _npy_blocks(data_cfg, seq_len: int, split: str) -> np.ndarray:
   path = os.path.join(os.path.expanduser(data_cfg.paths), f'{split}.npy')
   if not os.path.exists(path):
@@ -181,7 +210,8 @@ def load_blocks(data_cfg, seq_len: int, split: str) -> np.ndarray:
   directory = cache_dir_for(data_cfg, seq_len)
   path = os.path.join(directory, f'{split}.npy')
   if not os.path.exists(path):
-    _build_split(data_cfg, seq_len, split, directory)
+    build = _build_fasta_split if data_cfg.source == 'fasta' else _build_split
+    build(data_cfg, seq_len, split, directory)
   return np.load(path, mmap_mode='r')
 
 

@@ -14,7 +14,15 @@ Sources (`data.source`):
   (`.txt`/`.jsonl` files or directories holding them), documents ordered by sorted file path then
   record order.
 
+* `fasta` — proteins: `data.fasta`, comma-separated FASTA / Swiss-Prot files or globs (plain or
+  gzip), read by `data.protein.iter_records` (dedup, crop / skip of long records); one protein per
+  row (`data.protein.encode_rows`), never packed. Cached like the packed text blocks.
+
 Splits never overlap and are deterministic:
+
+* `fasta` holds out whole records: a record is valid iff blake2b-64(name NUL sequence) / 2^64 <
+  `data.valid_fraction` (per record, so adding or reordering files never moves another record;
+  with dedup, a duplicate sequence never appears in both splits under the same name).
 
 * `owt` splits by document as in the paper (docs/method.md §2): train = documents[:-valid_docs], valid =
   documents[-valid_docs:].
@@ -43,6 +51,7 @@ import tempfile
 from typing import Iterator, Sequence
 
 from didi_jax import errors
+from didi_jax.data import protein
 
 SPLITS = ('train', 'valid')
 CACHE_ENV = 'DIDI_JAX_CACHE'
@@ -284,13 +293,43 @@ def _owt_local_documents(data_cfg, split: str) -> Iterator[str]:
 @dataclasses.dataclass(frozen=True)
 class SplitRule:
   """How a source separates train from valid (part of the cache key)."""
-  kind: str          # 'tail' (per-document tail by valid_fraction) | 'last_docs'
+  kind: str          # 'tail' (per-document tail by valid_fraction) | 'last_docs' | 'record_hash'
   value: float
+
+
+def fasta_files(data_cfg) -> list[str]:
+  """The files of `data.fasta` (comma-separated files / globs, each glob sorted)."""
+  items = [s.strip() for s in str(data_cfg.fasta).split(',') if s.strip()]
+  if not items:
+    raise DataError('data.source=fasta needs --config.data.fasta=FILE_OR_GLOB[,...]')
+  return protein.expand_paths(items)
+
+
+def record_is_valid(name: str, sequence: str, valid_fraction: float) -> bool:
+  """The fasta split rule: a record is held out iff blake2b-64(name NUL sequence) / 2^64 <
+  valid_fraction (a function of the record alone: adding files never moves other records)."""
+  digest = hashlib.blake2b(f'{name}\x00{sequence}'.encode(), digest_size=8).digest()
+  return int.from_bytes(digest, 'little') / 2.0 ** 64 < valid_fraction
+
+
+def iter_protein_records(data_cfg, split: str, length: int):
+  """The `data.protein.Record`s of `split` for data.source='fasta', in file order, cropped or
+  skipped to the residue capacity of a row of `length` (see `record_is_valid`)."""
+  check_split(split)
+  cap = protein.residue_capacity(length, bool(data_cfg.bos))
+  want_valid = split == 'valid'
+  for rec in protein.iter_records(fasta_files(data_cfg), max_length=cap,
+                                  long_records=data_cfg.long_records,
+                                  seed=int(data_cfg.crop_seed), dedup=bool(data_cfg.dedup)):
+    if record_is_valid(rec.name, rec.sequence, float(data_cfg.valid_fraction)) == want_valid:
+      yield rec
 
 
 def split_rule(data_cfg) -> SplitRule:
   if data_cfg.source == 'owt':
     return SplitRule('last_docs', int(data_cfg.valid_docs))
+  if data_cfg.source == 'fasta':
+    return SplitRule('record_hash', float(data_cfg.valid_fraction))
   return SplitRule('tail', float(data_cfg.valid_fraction))
 
 
@@ -304,6 +343,10 @@ def source_fingerprint(data_cfg) -> dict:
   if src in ('text', 'owt'):
     return {'files': files_fingerprint(expand_paths(data_cfg.paths)),
             'jsonl_field': data_cfg.jsonl_field}
+  if src == 'fasta':
+    return {'files': files_fingerprint(fasta_files(data_cfg)), 'layout': data_cfg.layout,
+            'bos': bool(data_cfg.bos), 'dedup': bool(data_cfg.dedup),
+            'long_records': data_cfg.long_records, 'crop_seed': int(data_cfg.crop_seed)}
   raise DataError(f'data.source={src!r} has no documents (npy holds packed blocks): use one of '
                   "'owt', 'shakespeare', 'text'")
 

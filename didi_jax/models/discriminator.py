@@ -69,8 +69,11 @@ class Discriminator(DiTTrunk):
   """(ids (B, L) or soft input (B, L, V), σ_B) -> per-token logits (B, L), float32.
 
   A soft input is logits by default, as in the official model (softmax inside); RGAS feeds
-  probabilities with soft_input='probs'.
+  probabilities with soft_input='probs'. `block_path` / `head_modules` say which parameters
+  `distill.disc_unfreeze_blocks` trains (the last blocks under `block_path`, and the head).
   """
+  block_path = ('blocks',)
+  head_modules = ('output_layer',)
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)

@@ -22,7 +22,8 @@ stored buffer where it differs (`cfg.rope_inv_freq`, a static tuple: the model h
 scale; PAD keys masked (−inf) when `cfg.pad_attention_mask`.
 
 Token dropout (ESM-2's `token_dropout=True`, exactly HF `EsmEmbeddings`): embeddings of `<mask>`
-are zeroed and all embeddings of a sequence are scaled by (1 − 0.12) / (1 − m), m = (#<mask>) /
+are zeroed and all embeddings of a sequence are scaled by (1 − 0.12) / max(1 − m, 1e-6) (the
+floor only acts on all-<mask> rows, where HF gives NaN and we give zero embeddings), m = (#<mask>) /
 (#valid tokens) (valid = non-pad with the pad attention mask, else L). Soft input (B, L, V), read
 as probabilities p (after a softmax for 'logits'): e = Σ_v p_v E_v with the `<mask>` row zeroed,
 m = Σ_l p_l(<mask>) / #valid (the expected mask fraction, differentiable), and the pad mask is
@@ -57,6 +58,7 @@ from flax import nnx
 
 from didi_jax.errors import ConfigError
 from didi_jax.models.dit import Linear, check_soft_input, dropout
+from didi_jax.models.discriminator import DiscriminatorHead
 
 Array = jax.Array
 
@@ -281,9 +283,50 @@ class EsmLMHead(nnx.Module):
     return y + self.bias[...].astype(self.dtype)
 
 
+def from_model_config(model_cfg) -> EsmConfig:
+  """EsmConfig of a didi_jax model config with kind='esm' (`config.model_config` names: hidden_size,
+  n_blocks -> num_hidden_layers, n_heads -> num_attention_heads, mlp_dim -> intermediate_size,
+  dropout -> hidden_dropout_prob; [MASK] = vocab_size - 1; the rest from `model.esm`)."""
+  e = model_cfg.get('esm') or {}
+  get = e.get if hasattr(e, 'get') else (lambda k, d=None: d)
+  inv = get('rope_inv_freq', None)
+  return EsmConfig(
+      vocab_size=int(model_cfg.vocab_size), hidden_size=int(model_cfg.hidden_size),
+      num_hidden_layers=int(model_cfg.n_blocks), num_attention_heads=int(model_cfg.n_heads),
+      intermediate_size=int(model_cfg.mlp_dim),
+      layer_norm_eps=float(get('layer_norm_eps', 1e-5)),
+      mask_token_id=int(model_cfg.vocab_size) - 1, pad_token_id=int(get('pad_token_id', 1)),
+      token_dropout=bool(get('token_dropout', True)),
+      emb_layer_norm_before=bool(get('emb_layer_norm_before', False)),
+      rope_theta=float(get('rope_theta', 10000.0)),
+      rope_inv_freq=None if inv is None else tuple(float(v) for v in inv),
+      hidden_dropout_prob=float(model_cfg.get('dropout', 0.0)),
+      compute_dtype=str(model_cfg.get('compute_dtype', 'float32')),
+      attention_impl=str(model_cfg.get('attention_impl', 'auto')),
+      remat=bool(model_cfg.get('remat', False)))
+
+
+def model_config_fields(cfg: EsmConfig) -> dict:
+  """The didi_jax model-config fields (kind='esm') that rebuild `cfg` (`from_model_config`);
+  precision / attention / length stay the caller's."""
+  if cfg.mask_token_id != cfg.vocab_size - 1:
+    raise ConfigError(f'this ESM has <mask>={cfg.mask_token_id}, not vocab_size - 1 = '
+                      f'{cfg.vocab_size - 1}: the diffusion [MASK] must be the last id')
+  return dict(kind='esm', hidden_size=cfg.hidden_size, n_blocks=cfg.num_hidden_layers,
+              n_heads=cfg.num_attention_heads, mlp_dim=cfg.intermediate_size,
+              vocab_size=cfg.vocab_size, dropout=cfg.hidden_dropout_prob,
+              esm=dict(pad_token_id=cfg.pad_token_id, token_dropout=cfg.token_dropout,
+                       layer_norm_eps=cfg.layer_norm_eps, rope_theta=cfg.rope_theta,
+                       emb_layer_norm_before=cfg.emb_layer_norm_before,
+                       rope_inv_freq=None if cfg.rope_inv_freq is None
+                       else [float(v) for v in cfg.rope_inv_freq]))
+
+
 def _as_config(cfg: Any) -> EsmConfig:
   if isinstance(cfg, EsmConfig):
     return cfg
+  if hasattr(cfg, 'get') and cfg.get('kind') == 'esm':
+    return from_model_config(cfg)
   fields = {f.name for f in dataclasses.fields(EsmConfig)}
   d = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
   return EsmConfig(**{k: v for k, v in d.items() if k in fields})
@@ -331,7 +374,11 @@ class EsmTrunk(nnx.Module):
         n_valid = valid.sum(-1).astype(jnp.float32)
         n_mask = is_mask.sum(-1)   # HF counts every <mask>, pad or not (a <mask> is never pad)
       observed = n_mask / n_valid
-      e = e * ((1.0 - MASK_RATIO_TRAIN) / (1.0 - observed))[:, None, None]
+      # An all-<mask> row (a sampler's first step) has observed = 1: HF divides 0 embeddings by
+      # 0 (NaN); the floor keeps them 0 and equals HF wherever one valid token is unmasked
+      # (1 − observed >= 1 / #valid > 1e-6).
+      keep = jnp.maximum(1.0 - observed, 1e-6)
+      e = e * ((1.0 - MASK_RATIO_TRAIN) / keep)[:, None, None]
     if self.esm.embeddings.layer_norm is not None:
       e = self.esm.embeddings.layer_norm(e)
     if valid is not None:
@@ -422,6 +469,25 @@ def trainable_mask(params_tree, n_layers: int, unfreeze_layers: int):
       return int(keys[3]) >= first
     return False
   return jax.tree_util.tree_map_with_path(is_trainable, params_tree)
+
+
+class EsmDiscriminator(EsmTrunk):
+  """(ids (B, L) or soft input (B, L, V), σ_B ignored) -> per-token logits (B, L), float32: the
+  ESM trunk (copied from the teacher, `trunk_modules`) read after its last layer, before
+  emb_layer_norm_after (as the DiT discriminator reads the last block's residual stream), and the
+  spectral-normalised head of `models.discriminator`. Trainable: the last
+  `distill.disc_unfreeze_blocks` encoder layers and the head (`block_path`, `head_modules`)."""
+  block_path = ('esm', 'encoder', 'layer')
+  head_modules = ('output_layer',)
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.output_layer = DiscriminatorHead(self.cfg.hidden_size, rngs=rngs)
+
+  def __call__(self, x, sigma_B=None, *, soft_input: str = 'logits',
+               update_spectral: bool = False, dropout_key: Optional[Array] = None) -> Array:
+    h, _ = self.trunk(x, sigma_B, soft_input=soft_input, dropout_key=dropout_key)
+    return self.output_layer(h, update_spectral)
 
 
 def init_model(cfg, seed: int = 0) -> EsmForMaskedLM:

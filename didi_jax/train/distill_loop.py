@@ -33,11 +33,23 @@ INIT_KEY_SALT = 0x5EED
 
 
 def teacher_config(cfg, teacher) -> ml_collections.ConfigDict:
-  """cfg with model sizes taken from the teacher (precision/attention knobs stay the config's)."""
+  """cfg with model sizes taken from the teacher (precision/attention knobs stay the config's);
+  an ESM teacher also gives model.kind and model.esm (ids, token dropout, rotary table)."""
   cfg = copy.deepcopy(cfg)
   with cfg.unlocked():
     changed = []
+    kind = str(teacher.model_cfg.get('kind', 'dit'))
+    if kind == 'esm':
+      if cfg.model.kind != kind:
+        changed.append(f'kind {cfg.model.kind} -> {kind}')
+        cfg.model.kind = kind
+      esm_fields = teacher.model_cfg.esm.to_dict()
+      if cfg.model.esm.to_dict() != esm_fields:
+        changed.append('esm fields')
+        cfg.model.esm = ml_collections.ConfigDict(esm_fields)
     for k in SIZE_KEYS:
+      if k in ('cond_dim', 'length') and kind == 'esm':
+        continue                      # ESM: no time conditioning, any length (rotary)
       v = teacher.model_cfg[k]
       if cfg.model[k] != v:
         changed.append(f'{k} {cfg.model[k]} -> {v}')

@@ -51,22 +51,30 @@ def distill_model_config(cfg: ml_collections.ConfigDict) -> ml_collections.Confi
   return model_cfg
 
 
-def disc_trainable_filter(n_blocks: int, unfreeze_blocks: int) -> Callable:
-  """nnx filter (path, value) -> bool: the head and the last `unfreeze_blocks` blocks."""
+def disc_trainable_filter(n_blocks: int, unfreeze_blocks: int, *,
+                          block_path: tuple = Discriminator.block_path,
+                          head_modules: tuple = Discriminator.head_modules) -> Callable:
+  """nnx filter (path, value) -> bool: the head modules and the last `unfreeze_blocks` of the
+  `n_blocks` blocks under `block_path` (DiT: ('blocks',); ESM: ('esm', 'encoder', 'layer'))."""
   first = n_blocks - unfreeze_blocks
+  block_path, depth = tuple(block_path), len(block_path)
 
   def is_trainable(path, _):
     if not path:
       return False
-    if path[0] == 'output_layer':
+    if path[0] in head_modules:
       return True
-    return path[0] == 'blocks' and int(path[1]) >= first
+    return (len(path) > depth and tuple(path[:depth]) == block_path
+            and int(path[depth]) >= first)
   return nnx.All(nnx.Param, is_trainable)
 
 
 def split_discriminator(cfg, disc: Discriminator):
-  """(graphdef, trainable, frozen, spectral) of a Discriminator under `cfg.distill`."""
-  trainable = disc_trainable_filter(cfg.model.n_blocks, cfg.distill.disc_unfreeze_blocks)
+  """(graphdef, trainable, frozen, spectral) of a discriminator under `cfg.distill` (which part
+  trains: the discriminator class's `block_path` and `head_modules`)."""
+  trainable = disc_trainable_filter(cfg.model.n_blocks, cfg.distill.disc_unfreeze_blocks,
+                                    block_path=type(disc).block_path,
+                                    head_modules=type(disc).head_modules)
   return nnx.split(disc, trainable, nnx.Param, Spectral)
 
 
