@@ -7,7 +7,7 @@ Presets:
   smoke    a tiny DiT teacher pre-trained in the run itself on a FASTA file (default: the 630
            globins of Debian's `emboss-test`), distilled, then the NFE sweep with the protein
            metrics for teacher and student (results.md table + curve.png); mechanics only,
-           about 4 minutes on 2 CPU cores (README, "Proteins").
+           2 min 42 s measured on 2 shared CPU cores (README, "Proteins").
   (none)   distil a DPLM teacher (ESM-2 architecture, model.kind='esm', the ESM tokenizer):
              python -m didi_jax.main --config=configs/protein.py --workdir=runs/dplm150m \
                  --config.teacher.checkpoint=hf:airkingbd/dplm_150m \
