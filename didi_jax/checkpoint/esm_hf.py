@@ -32,7 +32,6 @@ gives bit-identical parameters.
 from __future__ import annotations
 
 import collections
-import glob
 import json
 import os
 import re
@@ -43,7 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from didi_jax.checkpoint import hf
 from didi_jax.checkpoint import torch_ckpt
+from didi_jax.data.protein import ESM_TOKENS
 from didi_jax.errors import CheckpointError
 from didi_jax.models import esm as esm_lib
 
@@ -210,20 +211,15 @@ def read_checkpoint(path: str) -> tuple[dict, dict, str]:
   with open(cfg_path) as f:
     hf_cfg = json.load(f)
   vocab = os.path.join(directory, 'vocab.txt')
-  if os.path.exists(vocab) and int(hf_cfg.get('vocab_size', 0)) == len(esm_lib_tokens()):
+  if os.path.exists(vocab) and int(hf_cfg.get('vocab_size', 0)) == len(ESM_TOKENS):
     with open(vocab, encoding='utf-8') as f:
       tokens = tuple(line.strip() for line in f.read().splitlines())
-    if tokens != esm_lib_tokens():
-      k = next(i for i, (a, b) in enumerate(zip(tokens + ('',) * 33, esm_lib_tokens())) if a != b)
+    if tokens != ESM_TOKENS:
+      k = next(i for i, (a, b) in enumerate(zip(tokens + ('',) * 33, ESM_TOKENS)) if a != b)
       raise CheckpointError(f'{vocab} differs from the ESM-2 alphabet at id {k} '
                             f'({tokens[k] if k < len(tokens) else None!r}): the esm tokenizer '
                             'would give wrong ids; use the matching vocabulary')
   return hf_cfg, tensors, path
-
-
-def esm_lib_tokens() -> tuple:
-  from didi_jax.data.protein import ESM_TOKENS  # pylint: disable=import-outside-toplevel
-  return ESM_TOKENS
 
 
 def _strip_prefix(tensors: Mapping[str, np.ndarray], label: str) -> dict:
@@ -335,30 +331,12 @@ def state_to_hf(model, *, layered_inv_freq: bool = True
 # ----------------------------------------------------------------------------------- loading
 
 
-def _hf_snapshot(repo_id: str, revision: Optional[str] = None) -> str:
-  try:
-    import huggingface_hub  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise CheckpointError(f'hf:{repo_id} needs the huggingface_hub package: pip install '
-                          'huggingface_hub, or download the files and pass the directory') from None
-  try:
-    path = huggingface_hub.snapshot_download(
-        repo_id, revision=revision, allow_patterns=['*.json', '*.safetensors', 'vocab.txt'])
-    if not glob.glob(os.path.join(path, '*.safetensors')):
-      path = huggingface_hub.snapshot_download(
-          repo_id, revision=revision, allow_patterns=['*.json', '*.bin', 'vocab.txt'])
-  except Exception as e:  # network, auth, offline cache miss: all mean the same to the user
-    raise CheckpointError(f'could not fetch hf:{repo_id} ({type(e).__name__}: {str(e)[:200]}): '
-                          'check the name and the network (or HF_HUB_OFFLINE=1 with a cached '
-                          'copy), or pass a local directory') from None
-  return path
-
-
 def resolve(source: str) -> str:
   source = os.fspath(source)
   if source.startswith('hf:'):
     repo, _, rev = source[3:].partition('@')
-    return _hf_snapshot(repo, rev or None)
+    return hf.snapshot(repo, ['*.json', '*.safetensors', 'vocab.txt'],
+                       ['*.json', '*.bin', 'vocab.txt'], revision=rev or None)
   return source
 
 
@@ -392,9 +370,9 @@ def export_hf(model: esm_lib.EsmForMaskedLM, directory: str, *, fmt: str = 'safe
     torch_ckpt.save(dict(tensors), os.path.join(directory, 'pytorch_model.bin'))
   with open(os.path.join(directory, 'config.json'), 'w') as f:
     json.dump(config_to_hf(model.cfg), f, indent=2, sort_keys=True)
-  if model.cfg.vocab_size == len(esm_lib_tokens()):
+  if model.cfg.vocab_size == len(ESM_TOKENS):
     with open(os.path.join(directory, 'vocab.txt'), 'w', encoding='utf-8') as f:
-      f.write('\n'.join(esm_lib_tokens()) + '\n')
+      f.write('\n'.join(ESM_TOKENS) + '\n')
     with open(os.path.join(directory, 'tokenizer_config.json'), 'w') as f:
       json.dump({'tokenizer_class': 'EsmTokenizer', 'model_max_length': 1024}, f, indent=2)
   return directory

@@ -32,6 +32,23 @@ class CurvePlot:
     return len(self.series)
 
 
+def log2_axis(ax, xlabel: str) -> None:
+  """A base-2 log x axis with plain step counts (4, 8, 16, ...) and a grid."""
+  ax.set_xscale('log', base=2)
+  ax.xaxis.set_major_formatter(ScalarFormatter())
+  ax.set_xlabel(xlabel)
+  ax.grid(True, which='both', alpha=0.3)
+
+
+def save(fig, path: str, title: Optional[str] = None) -> None:
+  """Titles, lays out and writes `fig` to `path` (its directory is created)."""
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+
+
 def series_key(row: dict, with_precision: bool) -> tuple:
   key = (row['model'], row['sampler'])
   return key + (row.get('precision', 'float32'),) if with_precision else key
@@ -98,11 +115,7 @@ def curve(rows: Sequence[dict], path: str, *, x: str = 'nfe',
       ax.legend(fontsize=8)
   if labels:
     ax_ppl.set_yscale('log')
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
+  save(fig, path, title)
   return CurvePlot(fig, labels, path)
 
 
@@ -139,14 +152,7 @@ def ablation(entries: Sequence[dict], teacher: Sequence[dict], judges: Sequence[
     ax.set_yscale('log')
   axes[-1].set_ylabel('unigram entropy (nats)')
   for ax in axes:
-    ax.set_xscale('log', base=2)
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.set_xlabel(X_AXES['nfe'][0])
-    ax.grid(True, which='both', alpha=0.3)
+    log2_axis(ax, X_AXES['nfe'][0])
   axes[0].legend(fontsize=7)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
+  save(fig, path, title)
   return fig

@@ -24,17 +24,16 @@ composition JS against NFE.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import ScalarFormatter
 
 from didi_jax.data import pipeline
 from didi_jax.data import protein as protein_data
 from didi_jax.data.tokenizers import get_tokenizer
+from didi_jax.evaluation import plots
 from didi_jax.evaluation import protein as metrics
 
 STRUCTURE_DEFAULT = 'facebook/esmfold_v1'
@@ -207,15 +206,11 @@ def curve(rows: Sequence[dict], path: str, *, reference: Optional[dict] = None,
   ax_js.set_ylabel('composition JS vs training data (nats)')
   for ax in (ax_n, ax_js):
     if plotted[id(ax)]:               # a log axis needs points (an all-NaN panel stays empty)
-      ax.set_xscale('log', base=2)
-      ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.set_xlabel('NFE (sampler steps)')
-    ax.grid(True, which='both', alpha=0.3)
+      plots.log2_axis(ax, 'NFE (sampler steps)')
+    else:
+      ax.set_xlabel('NFE (sampler steps)')
+      ax.grid(True, which='both', alpha=0.3)
     if labels:
       ax.legend(fontsize=8)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
+  plots.save(fig, path, title)
   return labels

@@ -59,6 +59,7 @@ from flax import nnx
 from didi_jax.errors import ConfigError
 from didi_jax.models.dit import Linear, check_soft_input, dropout
 from didi_jax.models.discriminator import DiscriminatorHead
+from didi_jax.models.layers import LayerNorm
 
 Array = jax.Array
 
@@ -68,17 +69,17 @@ MASK_RATIO_TRAIN = 0.15 * 0.8      # hard-coded in ESM / HF: the ratio of all ES
 @dataclasses.dataclass(frozen=True)
 class EsmConfig:
   """Sizes and switches; field names follow HF `EsmConfig` where one exists."""
-  vocab_size: int = 33
-  hidden_size: int = 320
-  num_hidden_layers: int = 6
-  num_attention_heads: int = 20
-  intermediate_size: int = 1280
+  vocab_size: int = 33                 # the ESM-2 alphabet (33 tokens, <mask> = 32)
+  hidden_size: int = 320               # width d (ESM-2 8M: 320; DPLM 150M: 640)
+  num_hidden_layers: int = 6           # transformer layers (DPLM 150M: 30)
+  num_attention_heads: int = 20        # heads; head dim = hidden_size / heads, even
+  intermediate_size: int = 1280        # MLP width (4 d)
   layer_norm_eps: float = 1e-5
-  mask_token_id: int = 32
-  pad_token_id: int = 1
-  token_dropout: bool = True
-  emb_layer_norm_before: bool = False
-  rope_theta: float = 10000.0
+  mask_token_id: int = 32              # <mask>: the diffusion [MASK]
+  pad_token_id: int = 1                # <pad>: embedding row zeroed, masked as attention key
+  token_dropout: bool = True           # ESM's <mask>-embedding rescale (on in every ESM-2)
+  emb_layer_norm_before: bool = False  # ESM-1b only; ESM-2 has LayerNorm after the layers
+  rope_theta: float = 10000.0          # rotary base
   rope_inv_freq: Optional[tuple] = None   # a checkpoint's stored inv_freq (None: from rope_theta)
   hidden_dropout_prob: float = 0.0     # dropout after attention.output and output dense (training)
   # ours
@@ -127,21 +128,6 @@ ESM2_SIZES = {
     '3b': dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=40,
                intermediate_size=10240),
 }
-
-
-class LayerNorm(nnx.Module):
-  """torch.nn.LayerNorm: float32 statistics (biased variance), weight and bias."""
-
-  def __init__(self, dim: int, eps: float):
-    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
-    self.eps = float(eps)
-
-  def __call__(self, x: Array) -> Array:
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...] + self.bias[...]
 
 
 class WordEmbeddings(nnx.Module):
