@@ -192,12 +192,18 @@ def _fill(abstract_state: nnx.State, pure: dict, source: str) -> nnx.State:
   return state
 
 
+def _device_arrays(values: dict) -> dict:
+  """Host arrays as uncommitted jax.Arrays (what an imported file gives too), so that a loaded
+  network computes exactly as the run's own under eager calls; callers place them on a mesh."""
+  return {k: jnp.asarray(v) for k, v in values.items()}
+
+
 def _restore(mngr: Manager, groups: dict[str, nnx.State]) -> dict[str, nnx.State]:
   """{group: abstract state} -> {group: state} read from the checkpoint's `group.*` keys."""
   flat = {}
   for group, abstract_state in groups.items():
     flat.update({f'{group}.{k}': v for k, v in manager_lib.flatten(abstract_state).items()})
-  values = mngr.restore_subset(flat)
+  values = _device_arrays(mngr.restore_subset(flat))
   return {group: manager_lib.unflatten(abstract_state, {
       k[len(group) + 1:]: v for k, v in values.items() if k.startswith(group + '.')})
           for group, abstract_state in groups.items()}
@@ -238,7 +244,7 @@ def _load_discriminator(mngr: Manager, model_cfg, source: str) -> Network:
     group = 'disc_train' if f'disc_train.{key}' in stored else 'disc_frozen'
     flat[f'{group}.{key}'] = leaf
   flat.update({f'spectral.{k}': v for k, v in manager_lib.flatten(spectral).items()})
-  values = mngr.restore_subset(flat)
+  values = _device_arrays(mngr.restore_subset(flat))
   by_key = {k.split('.', 1)[1]: v for k, v in values.items() if not k.startswith('spectral.')}
   spec = {k[len('spectral.'):]: v for k, v in values.items() if k.startswith('spectral.')}
   return Network('discriminator', model_cfg, gd, manager_lib.unflatten(params, by_key),

@@ -13,6 +13,7 @@ import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from didi_jax import errors
@@ -87,8 +88,8 @@ class Manager:
 
   def restore_subset(self, flat_target: dict, step: Optional[int] = None) -> dict:
     """Restores only the flat keys of `flat_target` ({'ema.blocks.0.x': ShapeDtypeStruct}) from
-    the state of `step` (default: latest): loading one network reads nothing else, and needs no
-    knowledge of the optimiser or the rest of the train state."""
+    the state of `step` (default: latest) as host NumPy arrays: loading one network reads nothing
+    else, and needs no knowledge of the optimiser or the rest of the train state."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'no checkpoint in {self.directory}')
@@ -98,9 +99,10 @@ class Manager:
       raise CheckpointError(
           f'checkpoint {self.directory}/{step} lacks {missing[:4]}'
           f'{"..." if len(missing) > 4 else ""}: it was written for another model config')
+    # Host NumPy values: every process reads the whole network, and the caller places it on its
+    # mesh (a single-device array could not be device_put across hosts).
     abstract = {k: _abstract(v) for k, v in flat_target.items()}
-    restore_args = {k: ocp.ArrayRestoreArgs(dtype=v.dtype, global_shape=v.shape,
-                                            sharding=v.sharding or _host_sharding())
+    restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray, dtype=v.dtype)
                     for k, v in abstract.items()}
     path = os.path.join(self.directory, str(step), 'state')
     try:
@@ -181,10 +183,6 @@ def _abstract(x):
   if isinstance(x, jax.ShapeDtypeStruct):
     return x
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None))
-
-
-def _host_sharding():
-  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _short(e: Exception) -> str:
