@@ -157,3 +157,19 @@ def test_the_interface_input_contract_is_asserted_at_the_boundary():
     den(jnp.zeros((2, cfg.length, cfg.vocab_size - 1)), sigma)       # soft input without [MASK]
   with pytest.raises(AssertionError):
     jax.jit(den)(ids[:1], sigma)                                     # batch sizes disagree
+
+
+def test_any_architecture_round_trips_through_our_flat_format(tmp_path):
+  cfg = tiny_cfg().model.copy_and_resolve_references()
+  cfg.kind = 'ar'
+  params = perturbed(nnx.state(models.build(cfg, seed=0), nnx.Param), 7)
+  f = exporter.save_ours(str(tmp_path / 'ar.safetensors'), {'teacher': nnx.to_pure_dict(params)},
+                         model_cfg=cfg)
+  net = loader.load(f, 'ar')
+  assert net.model_cfg.kind == 'ar' and int(net.model_cfg.hidden_size) == int(cfg.hidden_size)
+  assert_same(net.params, params)
+  with pytest.raises(loader.CheckpointError, match='no student'):
+    exporter.save_ours(str(tmp_path / 'two.safetensors'),
+                       {'teacher': nnx.to_pure_dict(params), 'student_ema': nnx.to_pure_dict(
+                           params)}, model_cfg=cfg)
+    loader.load(str(tmp_path / 'two.safetensors'), 'student')

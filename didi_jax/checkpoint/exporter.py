@@ -203,8 +203,8 @@ def save_ours(path: str, groups: Mapping[str, Any], model_cfg=None) -> str:
   model_cfg = importer.as_model_config(model_cfg)
   if model_cfg is not None:
     meta['model_config'] = json.dumps({k: model_cfg[k] for k in (
-        'size', 'hidden_size', 'n_blocks', 'n_heads', 'mlp_dim', 'cond_dim', 'vocab_size',
-        'length')})
+        'kind', 'size', 'hidden_size', 'n_blocks', 'n_heads', 'mlp_dim', 'cond_dim', 'vocab_size',
+        'length') if k in model_cfg})
   if path.endswith('.safetensors'):
     torch_ckpt.write_safetensors(flat, path, metadata=meta)
   elif path.endswith('.npz'):

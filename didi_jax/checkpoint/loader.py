@@ -165,6 +165,8 @@ def load(source, role: str, model_cfg=None, *, weights: str = 'ema') -> Network:
     return _load_esm(source, role, model_cfg)
   else:
     src = importer.open_source(source)
+  if src.kind == 'ours' and src.model_cfg is not None and src.model_cfg.kind != 'dit':
+    return _load_ours(src, role, _model_cfg(model_cfg or src.model_cfg), source)
   if model_cfg is None:
     model_cfg = importer.source_model_config(
         src, names.DISCRIMINATOR if role == 'discriminator' else names.DIT)
@@ -177,6 +179,20 @@ def load(source, role: str, model_cfg=None, *, weights: str = 'ema') -> Network:
   network = {'student': 'student', 'student_ema': 'student_ema'}.get(role, 'auto')
   params_d = importer.import_dit(src, model_cfg, network=network, weights=weights)
   return Network(role, model_cfg, gd, _fill(params, params_d, source), None, source)
+
+
+def _load_ours(src: importer.Source, role: str, model_cfg, source: str) -> Network:
+  """A network of any registered architecture from our flat format: the group named by the
+  role, or the file's only network; the factory's abstract network must match it exactly."""
+  networks = [g for g in src.groups if g != 'discriminator_spectral']
+  group = role if role in src.groups else (networks[0] if len(networks) == 1 else None)
+  if group is None:
+    raise CheckpointError(f'{source} holds {networks}, no {role}: name one of them')
+  model_cfg.kind = src.model_cfg.kind
+  gd, params, spectral = models.split_abstract(model_cfg, _network_role(role))
+  if spectral is not None:
+    spectral = _fill(spectral, src.groups.get('discriminator_spectral', {}), source)
+  return Network(role, model_cfg, gd, _fill(params, src.groups[group], source), spectral, source)
 
 
 def _fill(abstract_state: nnx.State, pure: dict, source: str) -> nnx.State:

@@ -249,23 +249,12 @@ def load_byte_lm(source: str, dtype=jnp.float32):
       raise errors.CheckpointError(
           f'judge {source} is not one network in our flat format: export the AR run with '
           'python -m didi_jax.checkpoint.convert RUN_DIR judge.safetensors')
-    group = next(g for g in src.groups if g != 'discriminator_spectral')
-    tree = src.groups[group]
-    if 'wte' not in tree or src.model_cfg is None:
+    if src.model_cfg is None or src.model_cfg.kind != 'ar':
       raise errors.CheckpointError(
           f'judge {source} holds no GPT-2-style AR model (no wte/ and model config): only '
           "causal LMs trained with model.kind='ar' can judge")
-    model_cfg = ml_collections.ConfigDict(src.model_cfg.to_dict())
-    model_cfg.kind = 'ar'
-    _, abstract = nnx.split(models.abstract(model_cfg), nnx.Param)
-    want = set(importer.flatten_tree(nnx.to_pure_dict(abstract)))
-    got = set(importer.flatten_tree(tree))
-    if want != got:
-      raise errors.CheckpointError(
-          f'judge {source}: its tensors do not match the AR model of its config (missing '
-          f'{sorted(want - got)[:3]}, unexpected {sorted(got - want)[:3]})')
-    params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
-    nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, tree))
+    net = loader.load(src, 'ar')
+    model_cfg, params = net.model_cfg, net.params
   model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
   model_cfg.dropout = 0.0
   model_cfg.compute_dtype = jnp.dtype(dtype).name
