@@ -235,31 +235,21 @@ def load_byte_lm(source: str, dtype=jnp.float32):
     if loader.workdir_job(path) != 'pretrain':
       raise errors.CheckpointError(f'judge {source} is not a pre-training run: a judge is an '
                                    "AR model trained by the pretrain job with model.kind='ar'")
-    run_cfg, mngr = loader.read_workdir_config(path)
-    mngr.close()
-    if run_cfg.model.get('kind', 'dit') != 'ar':
-      raise errors.CheckpointError(f'judge {source} is a {run_cfg.model.get("kind")!r} model: a '
-                                   "judge must be causal (model.kind='ar')")
-    net = loader.load(path, 'ar')
-    model_cfg = net.model_cfg
-    params = net.params
   else:
-    src = importer.open_source(path)
-    if src.kind != 'ours' or len([g for g in src.groups if g != 'discriminator_spectral']) != 1:
+    path = importer.open_source(path)
+    if path.kind != 'ours' or len([g for g in path.groups if g != 'discriminator_spectral']) != 1:
       raise errors.CheckpointError(
           f'judge {source} is not one network in our flat format: export the AR run with '
           'python -m didi_jax.checkpoint.convert RUN_DIR judge.safetensors')
-    if src.model_cfg is None or src.model_cfg.kind != 'ar':
-      raise errors.CheckpointError(
-          f'judge {source} holds no GPT-2-style AR model (no wte/ and model config): only '
-          "causal LMs trained with model.kind='ar' can judge")
-    net = loader.load(src, 'ar')
-    model_cfg, params = net.model_cfg, net.params
-  model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+  net = loader.load(path, 'ar')
+  if net.model_cfg.get('kind', 'dit') != 'ar':
+    raise errors.CheckpointError(f'judge {source} is a {net.model_cfg.get("kind", "dit")!r} '
+                                 "model: a judge must be causal (model.kind='ar')")
+  model_cfg = ml_collections.ConfigDict(net.model_cfg.to_dict())
   model_cfg.dropout = 0.0
   model_cfg.compute_dtype = jnp.dtype(dtype).name
   graphdef, _ = nnx.split(models.abstract(model_cfg), nnx.Param)
-  return nnx.merge(graphdef, params), model_cfg
+  return nnx.merge(graphdef, net.params), model_cfg
 
 
 def load_byte_judge(name: str, context: int, dtype=jnp.float32,
