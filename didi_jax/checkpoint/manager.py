@@ -45,6 +45,7 @@ class Manager:
                                            create=True)
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
     self.every = every
+    self._stored_keys: dict[int, set] = {}   # a written step's keys never change
 
   def latest_step(self) -> Optional[int]:
     return self._mngr.latest_step()
@@ -115,6 +116,8 @@ class Manager:
 
   def stored_keys(self, step: int) -> Optional[set]:
     """The flat keys of the state stored at `step` (None if its metadata cannot be read)."""
+    if step in self._stored_keys:
+      return self._stored_keys[step]
     try:
       meta = self._mngr.item_metadata(step)
       tree = meta['state'] if 'state' in meta else None
@@ -127,7 +130,10 @@ class Manager:
             tree = ckptr.metadata(os.path.join(self.directory, str(step), 'state')).item_metadata
         finally:
           absl_logger.setLevel(level)
-      return set(tree.keys()) if tree is not None else None
+      if tree is None:
+        return None
+      self._stored_keys[step] = set(tree.keys())
+      return self._stored_keys[step]
     except Exception:  # pylint: disable=broad-except
       return None
 
