@@ -17,7 +17,7 @@ from didi_jax import samples
 from didi_jax.checkpoint import loader
 from didi_jax.checkpoint.manager import Manager
 from didi_jax.data import pipeline
-from didi_jax.evaluation import evaluate, judges, metrics, plots, sweep
+from didi_jax.evaluation import evaluate, judges, plots, sweep
 from didi_jax.sampling import runner
 from didi_jax.train import distill_state, pretrain
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
 
 import gguf
 import jax.numpy as jnp

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import gguf
 import numpy as np
-import regex
 import tiktoken
 
 from didi_jax.data.tokenizers import GPT2_PATTERN, bytes_to_unicode
+
 
 def gguf_value(reader, key: str, default=None):
   field = reader.fields.get(key)

@@ -8,7 +8,6 @@ matmuls in `compute_dtype`. Sampling with a KV cache: `didi_jax.sampling.ar`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Optional
 

@@ -23,7 +23,6 @@ from didi_jax.checkpoint.manager import Manager
 from didi_jax.data import pipeline
 from didi_jax.models.discriminator import Spectral
 from didi_jax.sampling import runner as sampling_runner
-from didi_jax.train import common
 from didi_jax.train import distill_state as ds
 from didi_jax.train import loop
 from didi_jax.train import pretrain
