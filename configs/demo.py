@@ -149,7 +149,7 @@ def get_config(preset: str = ''):
     # ~ 45 min; the teacher's cells (NFE 8, 16, 64) once ~ 5 min: about 1 h 50 min in all
     # (several times longer while another job shares the cores).
     cfg.job = 'ablate'
-    cfg.distill.num_iterations = 150
+    cfg.distill.num_iterations = 100
     cfg.distill.sample_every = 0         # no periodic samples: the sweep measures each row
     cfg.checkpoint.every = 50
     cfg.sweep.models = 'teacher,student'

@@ -16,7 +16,9 @@ seed<S>/ (a row.json there records the settings it was trained with); rows whose
 settings are equal (e.g. with_regularisation and full, which differ only in the sampler) share
 one. The sweep cells (student × the row's sampler × sweep.nfes, and the teacher's cells once)
 go to WORKDIR/ablation/cells.json and are reused when their settings match, so a killed ablation
-resumes at the row and iteration where it stopped. Outputs: WORKDIR/ablation/{table.md,
+resumes at the row and iteration where it stopped. Every distillation runs before any cell is
+evaluated (no judge is in memory while networks train); `ablation.stage='distill'` stops after
+them, e.g. to train on accelerators and evaluate elsewhere, or while a judge is still training. Outputs: WORKDIR/ablation/{table.md,
 table.json, ablation.png}.
 """
 from __future__ import annotations
@@ -534,17 +536,8 @@ def run(cfg, workdir: str) -> dict:
   cells = _Cells(cfg, out_dir)
   notes = []
 
-  # The teacher's cells, once for every row.
-  teacher_results = []
-  if 'teacher' in config_lib.parse_list(cfg.sweep.models, 'sweep.models'):
-    tmodels = sweep.Models(cfg, out_dir)
-    tmodels.resolve('teacher')
-    for n in config_lib.parse_nfes(cfg.sweep.teacher_nfes, 'sweep.teacher_nfes'):
-      for p in precisions:
-        r = cells.get(cfg, out_dir, sweep.Cell('teacher', 'ancestral', n, p), tmodels, 'teacher')
-        teacher_results.append(_result('teacher', int(cfg.seed), r, judge_names))
-
-  results, distilled, reused_runs = [], [], []
+  # Stage 1: every row's distillation (no judge is loaded while the networks train).
+  distilled, reused_runs, planned = [], [], []
   total = len(rows) * len(seeds(cfg))
   done = 0
   for row in rows:
@@ -552,6 +545,7 @@ def run(cfg, workdir: str) -> dict:
       done += 1
       rcfg = row_config(cfg, row, k)
       wd = runs[(row.name, s)]
+      planned.append((row, s, rcfg, wd))
       label = f'[{done}/{total}] {row.name} seed {s}'
       os.makedirs(wd, exist_ok=True)
       _write_marker(wd, row, s, training_key(rcfg))
@@ -560,30 +554,49 @@ def run(cfg, workdir: str) -> dict:
         print(f'ablate {label}: distillation in {wd} is complete (iteration {step}), reused',
               flush=True)
         reused_runs.append((row.name, s))
-      else:
-        print(f'ablate {label}: distilling into {wd}'
-              + (f' (resuming at iteration {step})' if step else ''), flush=True)
-        out = distill_loop.run(rcfg, wd)
-        distilled.append((row.name, s))
-        if not out.get('complete'):
-          print(f'ablate: {row.name} seed {s} stopped at iteration {out.get("step")} of '
-                f'{rcfg.distill.num_iterations}; run the same command again to resume.',
-                flush=True)
-          paths = _write_outputs(cfg, out_dir, rows, results, teacher_results, judge_names,
-                                 cells, notes + [f'stopped in row {row.name} (seed {s}) at '
-                                                 f'iteration {out.get("step")}: the rows from '
-                                                 'it on are missing'])
-          return {'stopped': row.name, 'seed': s, 'step': out.get('step'),
-                  'distilled': distilled, 'reused_runs': reused_runs, **paths}
-      with rcfg.unlocked():
-        rcfg.sample.checkpoint = wd
-      models = sweep.Models(rcfg, wd)
-      models.resolve('student')
-      sampler = row_sampler(rcfg)
-      for n in nfes:
-        for p in precisions:
-          r = cells.get(rcfg, wd, sweep.Cell('student', sampler, n, p), models, label)
-          results.append(_result(row.name, s, r, judge_names))
+        continue
+      print(f'ablate {label}: distilling into {wd}'
+            + (f' (resuming at iteration {step})' if step else ''), flush=True)
+      out = distill_loop.run(rcfg, wd)
+      distilled.append((row.name, s))
+      if not out.get('complete'):
+        print(f'ablate: {row.name} seed {s} stopped at iteration {out.get("step")} of '
+              f'{rcfg.distill.num_iterations}; run the same command again to resume.',
+              flush=True)
+        paths = _write_outputs(cfg, out_dir, rows, [], [], judge_names, cells,
+                               notes + [f'stopped in row {row.name} (seed {s}) at iteration '
+                                        f'{out.get("step")}: no row is evaluated until every '
+                                        'distillation is complete'])
+        return {'stopped': row.name, 'seed': s, 'step': out.get('step'),
+                'distilled': distilled, 'reused_runs': reused_runs, **paths}
+  if cfg.ablation.stage == 'distill':
+    print(f'ablate: {len(distilled)} distilled, {len(reused_runs)} reused; stage=distill stops '
+          'here: run the command again without --config.ablation.stage=distill to evaluate.',
+          flush=True)
+    return {'stage': 'distill', 'distilled': distilled, 'reused_runs': reused_runs,
+            'cells_computed': 0, 'cells_reused': 0}
+
+  # Stage 2: the teacher's cells (once for every row), then each row's student cells.
+  teacher_results = []
+  if 'teacher' in config_lib.parse_list(cfg.sweep.models, 'sweep.models'):
+    tmodels = sweep.Models(cfg, out_dir)
+    tmodels.resolve('teacher')
+    for n in config_lib.parse_nfes(cfg.sweep.teacher_nfes, 'sweep.teacher_nfes'):
+      for p in precisions:
+        r = cells.get(cfg, out_dir, sweep.Cell('teacher', 'ancestral', n, p), tmodels, 'teacher')
+        teacher_results.append(_result('teacher', int(cfg.seed), r, judge_names))
+  results = []
+  for done, (row, s, rcfg, wd) in enumerate(planned, 1):
+    label = f'[{done}/{total}] {row.name} seed {s}'
+    with rcfg.unlocked():
+      rcfg.sample.checkpoint = wd
+    models = sweep.Models(rcfg, wd)
+    models.resolve('student')
+    sampler = row_sampler(rcfg)
+    for n in nfes:
+      for p in precisions:
+        r = cells.get(rcfg, wd, sweep.Cell('student', sampler, n, p), models, label)
+        results.append(_result(row.name, s, r, judge_names))
   summary = _write_outputs(cfg, out_dir, rows, results, teacher_results, judge_names, cells,
                            notes)
   print(f'ablate: {len(rows)} rows × {len(seeds(cfg))} seeds ({len(distilled)} distilled, '

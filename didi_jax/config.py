@@ -277,6 +277,8 @@ def base_config() -> ml_collections.ConfigDict:
       extra='',                   # more rows on top of full: 'name:key=value,key=value;name2:...'
                                   # (keys under distill. or sampler., e.g. 'b3:distill.kl.beta=0.3')
       seeds=1,                    # distillation runs per row, >= 1 (run seeds seed, seed+1, ...)
+      stage='all',                # 'all': distil every row, then evaluate; 'distill': distil
+                                  # every row and stop (evaluate later with stage='all')
   ))
 
   cfg.logging = ml_collections.ConfigDict(dict(
@@ -310,6 +312,7 @@ _CHOICES = {
     'sampler.student_output': ('subs', 'raw'),
     'sampler.noise_removal': ('sample', 'greedy', 'none'),
     'sampler.rgas.rerank_reward': ('sum_all', 'sum_masked', 'mean_masked'),
+    'ablation.stage': ('all', 'distill'),
 }
 
 

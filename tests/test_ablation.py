@@ -373,12 +373,20 @@ def test_ablation_end_to_end_stop_and_resume(teacher_dir, ar_judges, monkeypatch
   first = os.path.join(work_b, 'ablation', 'rows', 'with_regularisation', 'seed1')
   assert ablation._latest_step(second) == 2               # pylint: disable=protected-access
   partial = json.load(open(out['table_json'], encoding='utf-8'))
-  assert [e['row'] for e in partial['entries']] == ['with_regularisation', 'full']
+  assert partial['entries'] == [] and 'stopped in row no_omega' in partial['notes'][0]
+  assert not os.path.exists(os.path.join(work_b, 'ablation', ablation.CELLS))  # nothing judged
   monkeypatch.setattr(common, 'StopFlag', stop_in_flag(0, 1))
+  cfg = ablate_cfg(root, teacher, ar_judges)
+  cfg.ablation.stage = 'distill'
+  out_d = cli.run_job(cfg, work_b)
+  assert out_d['distilled'] == [('no_omega', 1)]          # the first row is not run again
+  assert out_d['reused_runs'] == [('with_regularisation', 1), ('full', 1)]
+  assert out_d['stage'] == 'distill' and out_d['cells_computed'] == 0
+  assert not os.path.exists(os.path.join(work_b, 'ablation', ablation.CELLS))
   out_b = cli.run_job(ablate_cfg(root, teacher, ar_judges), work_b)
-  assert out_b['distilled'] == [('no_omega', 1)]          # the first row is not run again
-  assert out_b['reused_runs'] == [('with_regularisation', 1), ('full', 1)]
-  assert out_b['cells_computed'] == 1                     # only no_omega's cell is new
+  assert out_b['distilled'] == []
+  assert out_b['reused_runs'] == [('with_regularisation', 1), ('full', 1), ('no_omega', 1)]
+  assert out_b['cells_computed'] == 4                     # teacher + three rows, judged once
   assert sorted(read_metrics(first, 'd_loss')) == [1, 2, 3, 4]     # each iteration once
   assert sorted(read_metrics(second, 'd_loss')) == [1, 2, 3, 4]
   table_b = json.load(open(out_b['table_json'], encoding='utf-8'))
