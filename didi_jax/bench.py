@@ -66,6 +66,7 @@ BF16_PEAK_TFLOPS = (
     ('H100 PCIe', 756.0), ('H100', 989.4), ('H200', 989.4), ('GH200', 989.4),
     ('B200', 2250.0), ('A100', 312.0), ('L4', 121.0), ('A10', 125.0),
     ('TPU v6', 918.0), ('TPU v5p', 459.0), ('TPU v5 lite', 197.0), ('TPU v5e', 197.0),
+    ('TPU v5', 459.0),  # JAX names a v5p chip 'TPU v5' (a v5e is 'TPU v5 lite', matched above)
     ('TPU v4', 275.0), ('TPU v3', 123.0),
 )
 # True float32 (no TF32: our float32 mode uses Precision.HIGHEST) where it differs from bf16.

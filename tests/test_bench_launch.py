@@ -192,6 +192,8 @@ def test_device_peaks():
   assert bench._lookup(bench.BF16_PEAK_TFLOPS, 'NVIDIA H100 80GB HBM3') == pytest.approx(989.4)
   assert bench._lookup(bench.BF16_PEAK_TFLOPS, 'NVIDIA H100 PCIe') == pytest.approx(756.0)
   assert bench._lookup(bench.BF16_PEAK_TFLOPS, 'TPU v5 lite') == pytest.approx(197.0)
+  assert bench._lookup(bench.BF16_PEAK_TFLOPS, 'TPU v5') == pytest.approx(459.0)   # v5p
+  assert bench._lookup(bench.BF16_PEAK_TFLOPS, 'TPU v6 lite') == pytest.approx(918.0)
   assert bench.cpu_peak_tflops() > 0
 
 
