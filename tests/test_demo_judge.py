@@ -30,6 +30,13 @@ def test_demo_judge_is_shipped_small_and_larger_than_the_teacher():
   teacher = loader.load(demo.DEMO_TEACHER, 'teacher')
   n_teacher = sum(int(x.size) for x in jax.tree.leaves(teacher.params))
   assert n_judge == rec['parameters'] and n_judge > n_teacher
+  # Trained longer than the teacher, by the whole recipe of configs/demo.py:judge.
+  teacher_record = json.load(open(os.path.join(demo.DEMO_TEACHER_DIR, 'record.json'),
+                                  encoding='utf-8'))
+  pcfg = demo.get_config('judge').pretrain
+  assert rec['steps'] == pcfg.num_steps and rec['status'].startswith('final')
+  assert rec['tokens_seen'] == pcfg.num_steps * pcfg.batch_size * rec['length']
+  assert rec['tokens_seen'] > teacher_record['tokens_seen']
 
 
 def test_demo_judge_reproduces_recorded_validation_nll():
