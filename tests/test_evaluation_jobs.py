@@ -294,3 +294,14 @@ def test_sweep_scores_every_judge(tmp_path, teacher_dir):
   with open(out['table'], encoding='utf-8') as f:
     table = f.read()
   assert f'Gen PPL {byte_judge} [95% CI]' in table and f'Gen PPL ({byte_judge})' in table
+  # The curve has a Gen PPL panel for each judge, with that judge's values and data reference.
+  fig = plots.curve([row], str(tmp_path / 'two_judges.png'), data_gen_ppl=100.0,
+                    data_gen_ppl_judges={byte_judge: 7.0}, data_entropy=3.0).figure
+  ax_first, ax_extra, _ = fig.axes
+  assert ax_extra.get_ylabel() == f'Gen PPL ({byte_judge})'
+  def drawn(ax):   # (the series' values, the data reference line's height)
+    (series,) = ax.containers
+    (ref,) = [ln for ln in ax.get_lines() if ln.get_label() == 'validation data']
+    return list(series.lines[0].get_ydata()), float(ref.get_ydata()[0])
+  assert drawn(ax_first) == (pytest.approx([row['gen_ppl']]), 100.0)
+  assert drawn(ax_extra) == (pytest.approx([extra['gen_ppl']]), 7.0)

@@ -71,18 +71,31 @@ def _errors(rows: list[dict], value: str, ci: str):
   return [lo, hi]
 
 
+def _judge_values(rs: list[dict], judge: Optional[str]) -> list[dict]:
+  """Rows as {'gen_ppl', 'gen_ppl_ci'} under `judge` (None: the row's primary judge)."""
+  if judge is None:
+    return rs
+  return [r['judges'][judge] for r in rs]
+
+
 def curve(rows: Sequence[dict], path: str, *, x: str = 'nfe',
           data_entropy: Optional[float] = None, data_gen_ppl: Optional[float] = None,
-          title: str = '') -> CurvePlot:
-  """Two panels (Gen PPL, log y; entropy) against `x` ('nfe' or 'tflops_per_sample'), saved to
-  `path`; the data reference (`data_gen_ppl`, `data_entropy`) as dashed lines."""
+          data_gen_ppl_judges: Optional[dict] = None, title: str = '') -> CurvePlot:
+  """Gen PPL panels (log y): the primary judge's, then one per extra judge the rows carry in
+  'judges'; then entropy; all against `x` ('nfe' or 'tflops_per_sample'), saved to `path`. The
+  data reference (`data_gen_ppl`, `data_gen_ppl_judges` {judge: Gen PPL}, `data_entropy`) is
+  drawn as dashed lines."""
   if x not in X_AXES:
     raise ValueError(f'x={x!r} is not a sweep axis: use one of {list(X_AXES)}')
   xlabel, base = X_AXES[x]
   groups = group_series(rows, x)
-  fig = Figure(figsize=(11, 4.2))
+  primary = sorted({str(r.get('judge')) for r in rows})
+  extra = [j for j in dict.fromkeys(k for r in rows for k in (r.get('judges') or {}))
+           if j not in primary and all(j in (r.get('judges') or {}) for r in rows)]
+  fig = Figure(figsize=(5.5 * (len(extra) + 2), 4.2))
   FigureCanvasAgg(fig)
-  ax_ppl, ax_ent = fig.subplots(1, 2)
+  axes = list(fig.subplots(1, len(extra) + 2))
+  ppl_axes, ax_ent = axes[:-1], axes[-1]
   labels = []
   for key, rs in groups.items():
     parts = [str(k) for k in key]
@@ -91,21 +104,25 @@ def curve(rows: Sequence[dict], path: str, *, x: str = 'nfe',
     label = ' / '.join(parts)
     labels.append(label)
     xs = [r[x] for r in rs]
-    ax_ppl.errorbar(xs, [r['gen_ppl'] for r in rs], yerr=_errors(rs, 'gen_ppl', 'gen_ppl_ci'),
-                    marker='o', capsize=3, label=label)
+    for ax, judge in zip(ppl_axes, [None] + extra):
+      vs = _judge_values(rs, judge)
+      ax.errorbar(xs, [v['gen_ppl'] for v in vs], yerr=_errors(vs, 'gen_ppl', 'gen_ppl_ci'),
+                  marker='o', capsize=3, label=label)
     if all(r.get('entropy') is not None for r in rs):
       ax_ent.errorbar(xs, [r['entropy'] for r in rs], yerr=_errors(rs, 'entropy', 'entropy_ci'),
                       marker='o', capsize=3, label=label)
-  if data_gen_ppl is not None:
-    ax_ppl.axhline(data_gen_ppl, color='gray', linestyle='--', linewidth=1,
-                   label='validation data')
+  refs = [data_gen_ppl] + [(data_gen_ppl_judges or {}).get(j) for j in extra]
+  for ax, ref in zip(ppl_axes, refs):
+    if ref is not None:
+      ax.axhline(ref, color='gray', linestyle='--', linewidth=1, label='validation data')
   if data_entropy is not None:
     ax_ent.axhline(data_entropy, color='gray', linestyle='--', linewidth=1,
                    label='validation data')
-  judges = sorted({str(r.get('judge')) for r in rows})
-  ax_ppl.set_ylabel(f'Gen PPL ({", ".join(judges)})')
+  ppl_axes[0].set_ylabel(f'Gen PPL ({", ".join(primary)})')
+  for ax, judge in zip(ppl_axes[1:], extra):
+    ax.set_ylabel(f'Gen PPL ({judge})')
   ax_ent.set_ylabel('unigram entropy (nats)')
-  for ax in (ax_ppl, ax_ent):
+  for ax in axes:
     ax.set_xscale('log', base=base)
     if base == 2:                                    # plain step counts: 4, 8, 16, ...
       ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -114,7 +131,8 @@ def curve(rows: Sequence[dict], path: str, *, x: str = 'nfe',
     if labels:
       ax.legend(fontsize=8)
   if labels:
-    ax_ppl.set_yscale('log')
+    for ax in ppl_axes:
+      ax.set_yscale('log')
   save(fig, path, title)
   return CurvePlot(fig, labels, path)
 

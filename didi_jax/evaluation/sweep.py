@@ -619,7 +619,8 @@ def run(cfg, workdir: str) -> dict:
     references[length] = data_reference(cfg, length, judge, extra_judges)
   _write_text(os.path.join(out_dir, TABLE), markdown(rows, cfg, references, skipped))
   ref = references[max(references)] if references else {}
-  refs = {'data_entropy': ref.get('entropy'), 'data_gen_ppl': ref.get('gen_ppl')}
+  refs = {'data_entropy': ref.get('entropy'), 'data_gen_ppl': ref.get('gen_ppl'),
+          'data_gen_ppl_judges': {j: v['gen_ppl'] for j, v in (ref.get('judges') or {}).items()}}
   title = f'judge {", ".join([e.judge] + judges.extra_judge_names(e))}, {e.num_samples} samples per point'
   curve = plots.curve(rows, os.path.join(out_dir, CURVE), x='nfe', title=title, **refs)
   curve_flops = plots.curve(rows, os.path.join(out_dir, CURVE_FLOPS), x='tflops_per_sample',
