@@ -142,12 +142,11 @@ def get_config(preset: str = ''):
   elif preset == 'ablate':
     # docs/ablation.md on the shipped teacher: 15 rows (the paper's 7 cumulative rows and 8
     # leave-one-out rows), 12 distinct distillations (full = with_regularisation + RGAS = no_rgas
-    # train once; with_pi_weighting = no_regularisation likewise). Budget on 2 idle CPU cores
-    # (~1.6 s per demo iteration, ~60 s to load and compile each distinct row):
-    # 12 x (150 x 1.6 s + 60 s) ~ 60 min of distillation; sweep cells at NFE 8 and 16 with 64
-    # samples judged by SmolLM2 and the byte judge, ~1 min per row and NFE (RGAS rows ~2 min)
-    # ~ 45 min; the teacher's cells (NFE 8, 16, 64) once ~ 5 min: about 1 h 50 min in all
-    # (several times longer while another job shares the cores).
+    # train once; with_pi_weighting = no_regularisation likewise) of 100 iterations (a third of
+    # the demo distillation), then 31 cells: each row at NFE 8 and 16 (64 samples, judged by
+    # SmolLM2 and the byte judge) and the teacher at NFE 8, 16, 64. Measured on 2 CPU cores
+    # (2026-12-01, README "Ablations"): 92 min of distillation and ~35 min of cells, while other
+    # jobs shared the cores; on idle cores roughly 60 + 25 min.
     cfg.job = 'ablate'
     cfg.distill.num_iterations = 100
     cfg.distill.sample_every = 0         # no periodic samples: the sweep measures each row
