@@ -145,7 +145,7 @@ def get_config(preset: str = ''):
     # train once; with_pi_weighting = no_regularisation likewise) of 100 iterations (a third of
     # the demo distillation), then 31 cells: each row at NFE 8 and 16 (64 samples, judged by
     # SmolLM2 and the byte judge) and the teacher at NFE 8, 16, 64. Measured on 2 CPU cores
-    # (2026-12-01, README "Ablations"): 92 min of distillation and ~35 min of cells, while other
+    # (2026-12-01, README "Ablations"): 92 min of distillation and 49 min of cells, while other
     # jobs shared the cores; on idle cores roughly 60 + 25 min.
     cfg.job = 'ablate'
     cfg.distill.num_iterations = 100
