@@ -18,8 +18,8 @@ one. The sweep cells (student × the row's sampler × sweep.nfes, and the teache
 go to WORKDIR/ablation/cells.json and are reused when their settings match, so a killed ablation
 resumes at the row and iteration where it stopped. Every distillation runs before any cell is
 evaluated (no judge is in memory while networks train); `ablation.stage='distill'` stops after
-them, e.g. to train on accelerators and evaluate elsewhere, or while a judge is still training. Outputs: WORKDIR/ablation/{table.md,
-table.json, ablation.png}.
+them, e.g. to train on accelerators and evaluate elsewhere, or while a judge is still training.
+Outputs: WORKDIR/ablation/{table.md, table.json, ablation.png}.
 """
 from __future__ import annotations
 
@@ -534,41 +534,36 @@ def run(cfg, workdir: str) -> dict:
   precisions = config_lib.parse_list(cfg.sweep.precisions, 'sweep.precisions',
                                      config_lib.PRECISIONS)
   cells = _Cells(cfg, out_dir)
-  notes = []
+
+  # (row, seed, its distill config, its workdir, its progress label) in the order of the table.
+  pairs = [(row, k, s) for row in rows for k, s in enumerate(seeds(cfg))]
+  planned = [(row, s, row_config(cfg, row, k), runs[(row.name, s)],
+              f'[{i}/{len(pairs)}] {row.name} seed {s}') for i, (row, k, s) in enumerate(pairs, 1)]
 
   # Stage 1: every row's distillation (no judge is loaded while the networks train).
-  distilled, reused_runs, planned = [], [], []
-  total = len(rows) * len(seeds(cfg))
-  done = 0
-  for row in rows:
-    for k, s in enumerate(seeds(cfg)):
-      done += 1
-      rcfg = row_config(cfg, row, k)
-      wd = runs[(row.name, s)]
-      planned.append((row, s, rcfg, wd))
-      label = f'[{done}/{total}] {row.name} seed {s}'
-      os.makedirs(wd, exist_ok=True)
-      _write_marker(wd, row, s, training_key(rcfg))
-      step = _latest_step(wd)
-      if step is not None and step >= rcfg.distill.num_iterations:
-        print(f'ablate {label}: distillation in {wd} is complete (iteration {step}), reused',
-              flush=True)
-        reused_runs.append((row.name, s))
-        continue
-      print(f'ablate {label}: distilling into {wd}'
-            + (f' (resuming at iteration {step})' if step else ''), flush=True)
-      out = distill_loop.run(rcfg, wd)
-      distilled.append((row.name, s))
-      if not out.get('complete'):
-        print(f'ablate: {row.name} seed {s} stopped at iteration {out.get("step")} of '
-              f'{rcfg.distill.num_iterations}; run the same command again to resume.',
-              flush=True)
-        paths = _write_outputs(cfg, out_dir, rows, [], [], judge_names, cells,
-                               notes + [f'stopped in row {row.name} (seed {s}) at iteration '
-                                        f'{out.get("step")}: no row is evaluated until every '
-                                        'distillation is complete'])
-        return {'stopped': row.name, 'seed': s, 'step': out.get('step'),
-                'distilled': distilled, 'reused_runs': reused_runs, **paths}
+  distilled, reused_runs = [], []
+  for row, s, rcfg, wd, label in planned:
+    os.makedirs(wd, exist_ok=True)
+    _write_marker(wd, row, s, training_key(rcfg))
+    step = _latest_step(wd)
+    if step is not None and step >= rcfg.distill.num_iterations:
+      print(f'ablate {label}: distillation in {wd} is complete (iteration {step}), reused',
+            flush=True)
+      reused_runs.append((row.name, s))
+      continue
+    print(f'ablate {label}: distilling into {wd}'
+          + (f' (resuming at iteration {step})' if step else ''), flush=True)
+    out = distill_loop.run(rcfg, wd)
+    distilled.append((row.name, s))
+    if not out.get('complete'):
+      print(f'ablate: {row.name} seed {s} stopped at iteration {out.get("step")} of '
+            f'{rcfg.distill.num_iterations}; run the same command again to resume.', flush=True)
+      paths = _write_outputs(cfg, out_dir, rows, [], [], judge_names, cells,
+                             [f'stopped in row {row.name} (seed {s}) at iteration '
+                              f'{out.get("step")}: no row is evaluated until every '
+                              'distillation is complete'])
+      return {'stopped': row.name, 'seed': s, 'step': out.get('step'),
+              'distilled': distilled, 'reused_runs': reused_runs, **paths}
   if cfg.ablation.stage == 'distill':
     print(f'ablate: {len(distilled)} distilled, {len(reused_runs)} reused; stage=distill stops '
           'here: run the command again without --config.ablation.stage=distill to evaluate.',
@@ -586,8 +581,7 @@ def run(cfg, workdir: str) -> dict:
         r = cells.get(cfg, out_dir, sweep.Cell('teacher', 'ancestral', n, p), tmodels, 'teacher')
         teacher_results.append(_result('teacher', int(cfg.seed), r, judge_names))
   results = []
-  for done, (row, s, rcfg, wd) in enumerate(planned, 1):
-    label = f'[{done}/{total}] {row.name} seed {s}'
+  for row, s, rcfg, wd, label in planned:
     with rcfg.unlocked():
       rcfg.sample.checkpoint = wd
     models = sweep.Models(rcfg, wd)
@@ -597,8 +591,7 @@ def run(cfg, workdir: str) -> dict:
       for p in precisions:
         r = cells.get(rcfg, wd, sweep.Cell('student', sampler, n, p), models, label)
         results.append(_result(row.name, s, r, judge_names))
-  summary = _write_outputs(cfg, out_dir, rows, results, teacher_results, judge_names, cells,
-                           notes)
+  summary = _write_outputs(cfg, out_dir, rows, results, teacher_results, judge_names, cells, [])
   print(f'ablate: {len(rows)} rows × {len(seeds(cfg))} seeds ({len(distilled)} distilled, '
         f'{len(reused_runs)} reused; cells {cells.computed} computed, {cells.reused} reused) '
         f'-> {out_dir}', flush=True)

@@ -14,9 +14,13 @@ from tests.test_demo_teacher import recorded_eval
 RECORD = os.path.join(judges.DEMO_JUDGE_DIR, 'record.json')
 
 
-def record():
-  with open(RECORD, encoding='utf-8') as f:
+def record(path=RECORD):
+  with open(path, encoding='utf-8') as f:
     return json.load(f)
+
+
+def teacher_record():
+  return record(os.path.join(demo.DEMO_TEACHER_DIR, 'record.json'))
 
 
 def test_demo_judge_is_shipped_small_and_larger_than_the_teacher():
@@ -31,12 +35,10 @@ def test_demo_judge_is_shipped_small_and_larger_than_the_teacher():
   n_teacher = sum(int(x.size) for x in jax.tree.leaves(teacher.params))
   assert n_judge == rec['parameters'] and n_judge > n_teacher
   # Trained longer than the teacher, by the whole recipe of configs/demo.py:judge.
-  teacher_record = json.load(open(os.path.join(demo.DEMO_TEACHER_DIR, 'record.json'),
-                                  encoding='utf-8'))
   pcfg = demo.get_config('judge').pretrain
   assert rec['steps'] == pcfg.num_steps and rec['status'].startswith('final')
   assert rec['tokens_seen'] == pcfg.num_steps * pcfg.batch_size * rec['length']
-  assert rec['tokens_seen'] > teacher_record['tokens_seen']
+  assert rec['tokens_seen'] > teacher_record()['tokens_seen']
 
 
 def test_demo_judge_reproduces_recorded_validation_nll():
@@ -45,6 +47,4 @@ def test_demo_judge_reproduces_recorded_validation_nll():
   got = recorded_eval(cfg, rec, loader.load(judges.DEMO_JUDGE, 'ar', cfg.model).params)
   assert got == pytest.approx(rec['valid_nll'], rel=2e-3)
   # An exact NLL per byte, below the teacher's NELBO bound on the same blocks (1.875 nats).
-  teacher_record = json.load(open(os.path.join(demo.DEMO_TEACHER_DIR, 'record.json'),
-                                  encoding='utf-8'))
-  assert got < teacher_record['valid_nelbo']
+  assert got < teacher_record()['valid_nelbo']

@@ -218,8 +218,6 @@ def _ours_source(label: str, tensors: Mapping, meta: Mapping) -> Source:
   if meta.get('model_config'):
     model_cfg = config_lib.model_config('small')
     model_cfg.update(json.loads(meta['model_config']))
-    if 'wte' in next(iter(by_group.values()), {}) and model_cfg.kind == 'dit':
-      model_cfg.kind = 'ar'    # a GPT-2-style export written before the kind was stored
   return Source(label, 'ours', groups={g: unflatten_tree(f) for g, f in by_group.items()},
                 model_cfg=model_cfg)
 

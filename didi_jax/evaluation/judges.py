@@ -231,17 +231,18 @@ def load_byte_lm(source: str, dtype=jnp.float32):
   """(GPT-2-style model, its model config) of our byte-level AR LM from a `pretrain` run
   directory (EMA weights) or an export in our flat .safetensors/.npz format."""
   path = os.path.expanduser(source)
+  src = None                      # an export is opened once: checked here, loaded below
   if loader.checkpoint_dir(path) is not None:
     if loader.workdir_job(path) != 'pretrain':
       raise errors.CheckpointError(f'judge {source} is not a pre-training run: a judge is an '
                                    "AR model trained by the pretrain job with model.kind='ar'")
   else:
-    path = importer.open_source(path)
-    if path.kind != 'ours' or len([g for g in path.groups if g != 'discriminator_spectral']) != 1:
+    src = importer.open_source(path)
+    if src.kind != 'ours' or len([g for g in src.groups if g != 'discriminator_spectral']) != 1:
       raise errors.CheckpointError(
           f'judge {source} is not one network in our flat format: export the AR run with '
           'python -m didi_jax.checkpoint.convert RUN_DIR judge.safetensors')
-  net = loader.load(path, 'ar')
+  net = loader.load(path if src is None else src, 'ar')
   if net.model_cfg.get('kind', 'dit') != 'ar':
     raise errors.CheckpointError(f'judge {source} is a {net.model_cfg.get("kind", "dit")!r} '
                                  "model: a judge must be causal (model.kind='ar')")
