@@ -259,6 +259,15 @@ def base_config() -> ml_collections.ConfigDict:
                                   # / diversity metrics compare against, >= 1
       nelbo_draws=4,              # proteins: noise draws per sample of the teacher's NELBO of
                                   # the generated rows (a judge-free likelihood), >= 1
+      mauve=False,                # text sweeps: MAUVE of each row's samples against as many
+                                  # validation blocks of the same length, on the primary judge's
+                                  # features (docs/method.md §12.2); needs pip install mauve-text
+                                  # (or '.[eval]')
+      mauve_feature='last',       # MAUVE features: 'last' (the judge's final-norm hidden state
+                                  # at the last token, the papers' choice) | 'mean' (mean-pooled)
+      mauve_buckets=0,            # MAUVE k-means clusters, >= 0 (0: the package's default,
+                                  # max(2, samples / 10))
+      mauve_scaling=5.0,          # MAUVE scaling constant c, positive (the package's default 5)
   ))
 
   cfg.sweep = ml_collections.ConfigDict(dict(
@@ -268,6 +277,12 @@ def base_config() -> ml_collections.ConfigDict:
       teacher_nfes='8,16,32,64,128,1024',   # teacher NFEs (1024 = the paper's teacher)
       precisions='float32',       # comma list of float32 | float64
       ar_checkpoint='',           # the AR baseline's workdir/checkpoint for the 'ar' model
+      frontier_temperatures='',   # the teacher's entropy frontier (docs/method.md §12.1): comma
+                                  # list of softmax temperatures > 0, e.g. '0.8,0.9,1.0'; the
+                                  # teacher is sampled at each teacher NFE at each temperature and
+                                  # every other row gets the teacher's Gen PPL at its entropy and
+                                  # the gap ('': off). Cost: one teacher row per temperature and
+                                  # teacher NFE (MEASURED_COST)
   ))
 
   cfg.ablation = ml_collections.ConfigDict(dict(
@@ -312,6 +327,7 @@ _CHOICES = {
     'sampler.student_output': ('subs', 'raw'),
     'sampler.noise_removal': ('sample', 'greedy', 'none'),
     'sampler.rgas.rerank_reward': ('sum_all', 'sum_masked', 'mean_masked'),
+    'eval.mauve_feature': ('last', 'mean'),
     'ablation.stage': ('all', 'distill'),
 }
 
@@ -436,6 +452,8 @@ _RANGES = {
     'eval.num_samples': (_positive, 'a positive number of samples'),
     'eval.bootstrap': (_non_negative, '>= 0 resamples'),
     'eval.nelbo_batches': (_non_negative, '>= 0'),
+    'eval.mauve_buckets': (_non_negative, '>= 0 (0: max(2, samples / 10))'),
+    'eval.mauve_scaling': (_positive, 'positive (the package default 5)'),
 }
 
 
@@ -459,6 +477,21 @@ def parse_nfes(text: str, key: str) -> list:
   if any(n < 1 for n in nfes):
     raise ConfigError(f'--config.{key}={text!r}: every NFE must be >= 1')
   return nfes
+
+
+def parse_temperatures(text: str, key: str) -> list:
+  """A comma list of positive softmax temperatures (e.g. '0.8,0.9,1.0'), in order, no repeats."""
+  try:
+    temps = list(dict.fromkeys(float(s) for s in parse_list(text, key)))
+  except ValueError:
+    raise ConfigError(f'--config.{key}={text!r} must be a comma list of numbers, e.g. '
+                      '0.8,0.9,1.0') from None
+  if any(not t > 0 or t != t or t == float('inf') for t in temps):
+    raise ConfigError(f'--config.{key}={text!r}: every temperature must be positive and finite')
+  if len(temps) == 1:
+    raise ConfigError(f'--config.{key}={text!r}: a frontier needs at least two temperatures '
+                      "(e.g. 0.8,0.9,1.0), or '' for none")
+  return temps
 
 
 def _get(cfg, dotted):
@@ -545,6 +578,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     parse_list(_get(cfg, key), key, choices)
   parse_nfes(cfg.sweep.nfes, 'sweep.nfes')
   parse_nfes(cfg.sweep.teacher_nfes, 'sweep.teacher_nfes')
+  parse_temperatures(cfg.sweep.frontier_temperatures, 'sweep.frontier_temperatures')
+  if not isinstance(cfg.eval.mauve, bool):
+    raise ConfigError(f'--config.eval.mauve={cfg.eval.mauve!r} must be True or False')
   _check_judges(cfg)
   _check_protein(cfg)
   m = cfg.model

@@ -239,15 +239,20 @@ def write_initial_distill_run(cfg, teacher_dir: str, workdir: str) -> None:
 
 
 def test_sweep_student_and_rgas_rows(tmp_path, teacher_dir):
+  """Student and RGAS rows beside the teacher, and the teacher's entropy frontier (T = 0.2, 1)."""
   cfg = eval_config(teacher_dir, models='teacher,student', samplers='ancestral,rgas',
-                    nfes='2', teacher_nfes='2', precisions='float32')
+                    nfes='2', teacher_nfes='2', precisions='float32',
+                    frontier_temperatures='0.2,1.0')
   workdir = str(tmp_path)
   write_initial_distill_run(cfg, teacher_dir, workdir)
   out = sweep.run(cfg, workdir)
   with open(out['results'], encoding='utf-8') as f:
     rows = json.load(f)
+  (cold,) = [r for r in rows if r['temperature'] == 0.2]
+  rows = [r for r in rows if r is not cold]
   by = {(r['model'], r['sampler']): r for r in rows}
   assert sorted(by) == [('student', 'ancestral'), ('student', 'rgas'), ('teacher', 'ancestral')]
+  check_frontier(cfg, workdir, out, cold, by)
   assert any(s.startswith('teacher × rgas') for s in out['skipped'])
   student, teacher, rgas = by[('student', 'ancestral')], by[('teacher', 'ancestral')], \
       by[('student', 'rgas')]
@@ -259,7 +264,39 @@ def test_sweep_student_and_rgas_rows(tmp_path, teacher_dir):
   assert rgas['network_evaluations'] == rgas['student_forwards'] + rgas['disc_forwards']
   assert rgas['tflops_per_sample'] > student['tflops_per_sample']
   assert rgas['settings']['sampler']['rgas']['num_candidates'] == cfg.sampler.rgas.num_candidates
-  assert out['curve_series'] == ['teacher / ancestral', 'student / ancestral', 'student / rgas']
+  assert out['curve_series'] == ['teacher / ancestral / T=1', 'student / ancestral / T=1',
+                                 'student / rgas / T=1', 'teacher / ancestral / T=0.2']
+
+
+def check_frontier(cfg, workdir, out, cold, by):
+  """The frontier row is the teacher at T = 0.2 (settings, lower entropy); the student at
+  iteration 0 IS the teacher at T = 1, so it sits on the frontier's end: gap exactly 0, a tie."""
+  teacher, student, rgas = by[('teacher', 'ancestral')], by[('student', 'ancestral')], \
+      by[('student', 'rgas')]
+  assert cold['model'] == 'teacher' and cold['settings']['sampler']['temperature'] == 0.2
+  assert teacher['temperature'] == 1.0 and 'frontier' not in teacher
+  assert cold['entropy'] < teacher['entropy']
+  rec = student['frontier']['smollm2']
+  assert rec['temperatures'] == [0.2, 1.0] and not rec['extrapolated']
+  assert rec['teacher_gen_ppl'] == pytest.approx(teacher['gen_ppl'], rel=1e-12)
+  assert rec['gap'] == pytest.approx(0.0, abs=1e-9 * teacher['gen_ppl'])
+  assert rec['gap_ci'][0] <= 0 <= rec['gap_ci'][1] and rec['verdict'] == 'tie'
+  assert 'gap' in rgas['frontier']['smollm2']
+  with open(out['table'], encoding='utf-8') as f:
+    table = f.read()
+  assert '| ancestral T=0.2 |' in table and 'gap to teacher frontier smollm2' in table
+  assert 'Teacher frontier:' in table
+  # The entropy panel: the frontier through (entropy, Gen PPL) of T = 0.2 and 1, each row a point.
+  fig = plots.curve([teacher, student, rgas, cold], os.path.join(workdir, 'f.png')).figure
+  ax = fig.axes[-1]
+  assert ax.get_xlabel() == 'unigram entropy (nats)'
+  (line,) = [ln for ln in ax.get_lines() if ln.get_label() == 'teacher frontier NFE=2']
+  assert list(line.get_xdata()) == [cold['entropy'], teacher['entropy']]
+  assert list(line.get_ydata()) == [cold['gen_ppl'], teacher['gen_ppl']]
+  points = {c.get_label(): (list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata()))
+            for c in ax.containers}
+  assert points == {'student / ancestral NFE=2': ([student['entropy']], [student['gen_ppl']]),
+                    'student / rgas NFE=2': ([rgas['entropy']], [rgas['gen_ppl']])}
 
 
 def test_sweep_scores_every_judge(tmp_path, teacher_dir):

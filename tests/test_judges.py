@@ -340,6 +340,20 @@ def check_protocol(judge, hf_model, hf_tok, samples, *, context: int, eos: int):
                   'eos at 0'}, seen
 
 
+def check_features(judge, hf_trunk, texts):
+  """Judge.features (MAUVE's input) = the reference trunk's last hidden state (after the final
+  norm) at each text's last judge token, or its mean over the text's tokens; truncation at the
+  context and padding of a shorter row in the batch included."""
+  rows = judge.tokenize(texts)
+  assert len({len(r) for r in rows}) > 1 and max(len(r) for r in rows) == judge.context
+  with torch.no_grad():
+    hidden = [hf_trunk(torch.tensor([r])).last_hidden_state[0].numpy() for r in rows]
+  for pool, want in (('last', [h[-1] for h in hidden]), ('mean', [h.mean(0) for h in hidden])):
+    got = judge.features(texts, batch_size=2, pool=pool)
+    assert got.shape == (len(texts), hidden[0].shape[-1]) and got.dtype == np.float32
+    np.testing.assert_allclose(got, np.stack(want), rtol=1e-4, atol=1e-4)
+
+
 @functools.lru_cache(maxsize=None)
 def gpt2_reference_tokenizer():
   """transformers' GPT2Tokenizer over the same vocab.json/merges.txt, pad = EOS (official)."""
@@ -360,6 +374,8 @@ def test_gen_ppl_protocol_gpt2_judge_matches_reference(tmp_path):
   assert judge.eos_id == judge.pad_id == GPT2_EOS
   check_protocol(judge, hf, gpt2_reference_tokenizer(), gpt2_samples(gpt2_reference_tokenizer()),
                  context=context, eos=GPT2_EOS)
+  check_features(judge, hf.transformer, gpt2_reference_tokenizer().batch_decode(
+      gpt2_samples(gpt2_reference_tokenizer()).tolist()))
 
 
 def test_gen_ppl_protocol_llama_gguf_judge_matches_reference(tmp_path, tiny_bpe):
@@ -376,3 +392,4 @@ def test_gen_ppl_protocol_llama_gguf_judge_matches_reference(tmp_path, tiny_bpe)
   assert judge.tokenize(texts) == ref_tok(texts, add_special_tokens=False)['input_ids']
   check_protocol(judge, hf, ref_tok, gpt2_samples(gpt2_reference_tokenizer()), context=context,
                  eos=eos)
+  check_features(judge, hf.model, texts + ['word ' * 80])

@@ -53,9 +53,12 @@ def judge_scores(judge: judges.Judge, texts: Sequence[str], group_size: int,
 
 def sample_quality(judge: judges.Judge, ids_SxL: np.ndarray, texts: Sequence[str], *,
                    group_size: int, judge_batch_size: int, n_bootstrap: int,
-                   seed: int) -> dict:
-  """metrics.summarize of judged texts plus judge-free statistics of the model ids."""
+                   seed: int, per_sample: Optional[dict] = None) -> dict:
+  """metrics.summarize of judged texts plus judge-free statistics of the model ids. A
+  `per_sample` dict receives the judge's per-sample arrays ('nll_sum', 'count')."""
   nll_S, count_S = judge_scores(judge, texts, group_size, judge_batch_size)
+  if per_sample is not None:
+    per_sample.update(nll_sum=nll_S, count=count_S)
   out = metrics.summarize(nll_S, count_S, np.asarray(ids_SxL), n_bootstrap=n_bootstrap,
                           seed=seed)
   out['gen_ppl_ci'] = list(out['gen_ppl_ci'])

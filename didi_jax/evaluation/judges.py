@@ -139,6 +139,8 @@ class Judge:
       self._batch_sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
     self._state = state
     self._nll = jax.jit(functools.partial(_token_nll, graphdef))
+    self._features = jax.jit(functools.partial(_pooled_features, graphdef),
+                             static_argnames='pool')
 
   def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
     """Judge ids per text: no added special tokens, truncated at the context."""
@@ -146,6 +148,18 @@ class Judge:
 
   def score_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 8):
     """(nll_sum_S float64, count_S int64) for already judge-tokenised rows."""
+    rows_SxC, lengths_S = self._pad_rows(ids, batch_size)
+    S, C = rows_SxC.shape
+    counted = counted_targets(rows_SxC, lengths_S, self.eos_id)
+    nll_SxT = np.zeros((S, C - 1), np.float32)
+    for start, n, batch in self._batches(rows_SxC, batch_size):
+      if counted[start:start + n].any():
+        nll_SxT[start:start + n] = np.asarray(self._nll(self._state, batch))[:n]
+    nll_sum_S = np.sum(np.where(counted, nll_SxT.astype(np.float64), 0.0), axis=1)
+    return nll_sum_S, counted.sum(axis=1).astype(np.int64)
+
+  def _pad_rows(self, ids: Sequence[Sequence[int]], batch_size: int):
+    """(rows (S, context) int32 right-padded with pad = EOS, lengths (S,)) of judge ids."""
     if batch_size < 1:
       raise ValueError(f'batch_size={batch_size} must be positive')
     if self.mesh is not None and batch_size % self.mesh.size:
@@ -156,20 +170,36 @@ class Judge:
     rows_SxC = np.full((S, C), self.pad_id, np.int32)
     for i, r in enumerate(ids):
       rows_SxC[i, :lengths_S[i]] = np.asarray(r[:C], np.int32)
-    counted = counted_targets(rows_SxC, lengths_S, self.eos_id)
-    nll_SxT = np.zeros((S, C - 1), np.float32)
-    for start in range(0, S, batch_size):
-      batch = rows_SxC[start:start + batch_size]
+    return rows_SxC, lengths_S
+
+  def _batches(self, rows, batch_size: int):
+    """(start, rows in the batch, device batch of `batch_size` rows) over `rows` (S, ...);
+    the remainder is padded to the fixed shape (no recompile) and placed on the mesh."""
+    for start in range(0, rows.shape[0], batch_size):
+      batch = rows[start:start + batch_size]
       n = batch.shape[0]
-      if not counted[start:start + n].any():
-        continue
-      if n < batch_size:                       # fixed shape: no recompile for the remainder
-        batch = np.concatenate([batch, np.full((batch_size - n, C), self.pad_id, np.int32)])
-      batch = jnp.asarray(batch) if self._batch_sharding is None else jax.device_put(
-          batch, self._batch_sharding)
-      nll_SxT[start:start + n] = np.asarray(self._nll(self._state, batch))[:n]
-    nll_sum_S = np.sum(np.where(counted, nll_SxT.astype(np.float64), 0.0), axis=1)
-    return nll_sum_S, counted.sum(axis=1).astype(np.int64)
+      if n < batch_size:
+        batch = np.concatenate([batch, np.full((batch_size - n,) + batch.shape[1:], self.pad_id,
+                                               batch.dtype)])
+      yield start, n, (jnp.asarray(batch) if self._batch_sharding is None
+                       else jax.device_put(batch, self._batch_sharding))
+
+  def features(self, texts: Sequence[str], batch_size: int = 8, pool: str = 'last') -> np.ndarray:
+    """(S, D) float32 features of the texts for MAUVE (docs/method.md §12.2): the judge's final
+    normalised hidden state (the output head's input) at the last token of each text ('last',
+    after truncation at the context) or averaged over its tokens ('mean'). An empty text reads
+    one pad token."""
+    if pool not in ('last', 'mean'):
+      raise ValueError(f"feature pooling {pool!r} is not 'last' or 'mean'")
+    rows_SxC, lengths_S = self._pad_rows(self.tokenize(texts), batch_size)
+    lengths_S = np.maximum(lengths_S, 1)
+    out = []
+    for start, n, batch in self._batches(rows_SxC, batch_size):
+      lens = np.ones((batch.shape[0],), np.int32)
+      lens[:n] = lengths_S[start:start + n]
+      out.append(np.asarray(self._features(self._state, batch, jnp.asarray(lens),
+                                           pool=pool))[:n])
+    return np.concatenate(out).astype(np.float32)
 
   def score_texts(self, texts: Sequence[str], batch_size: int = 8):
     """docs/method.md §10 Gen-PPL terms per text: (Σ counted NLL float64 (S,), #counted int64 (S,))."""
@@ -181,6 +211,16 @@ def _token_nll(graphdef, state, ids_BxC):
   logits = nnx.merge(graphdef, state)(ids_BxC)[:, :-1].astype(jnp.float32)
   target = jnp.take_along_axis(logits, ids_BxC[:, 1:, None], axis=-1)[..., 0]
   return jax.nn.logsumexp(logits, axis=-1) - target
+
+
+def _pooled_features(graphdef, state, ids_BxC, lengths_B, pool: str):
+  """Final-norm hidden states (B, C, D) pooled per row: at position length − 1, or averaged
+  over positions < length; float32 (B, D)."""
+  h = nnx.merge(graphdef, state).features(ids_BxC).astype(jnp.float32)
+  if pool == 'last':
+    return jnp.take_along_axis(h, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  keep = (jnp.arange(h.shape[1])[None] < lengths_B[:, None]).astype(jnp.float32)
+  return jnp.sum(h * keep[..., None], axis=1) / jnp.sum(keep, axis=1, keepdims=True)
 
 
 def _check_context(context: int, limit: int, name: str):

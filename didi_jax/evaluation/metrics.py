@@ -1,14 +1,16 @@
 """Sample-quality statistics (docs/method.md §10): Gen PPL, bootstrap intervals and the summary
-of a judged sample set (with the judge-free statistics of `didi_jax.samples`). All host-side
-NumPy, float64.
+of a judged sample set (with the judge-free statistics of `didi_jax.samples`), and MAUVE on
+feature arrays (docs/method.md §12.2; the optional mauve-text package). All host-side NumPy,
+float64.
 """
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from didi_jax import samples
+from didi_jax import errors, samples
 
 CI_LEVEL = 0.95
 DEFAULT_BOOTSTRAP = 1000
@@ -74,3 +76,37 @@ def summarize(nll_sum_S: np.ndarray, count_S: np.ndarray, ids_SxL: Optional[np.n
     out['entropy_ci'] = bootstrap_ci(_mean, [ent], n_bootstrap, seed)
     out[f'repeated_{ngram}gram_rate'] = samples.repeated_ngram_rate(ids_SxL, ngram)
   return out
+
+
+MAUVE_PIP = "pip install mauve-text (or pip install -e '.[eval]')"
+
+
+def require_mauve():
+  """The `mauve` module of the mauve-text package; ConfigError (one line, the pip command) when
+  it is not installed."""
+  try:
+    import mauve  # pylint: disable=import-outside-toplevel  (optional: faiss, scikit-learn)
+  except ImportError:
+    raise errors.ConfigError(f'eval.mauve=True needs the mauve-text package: {MAUVE_PIP} (or set '
+                             '--config.eval.mauve=False)') from None
+  return mauve
+
+
+def mauve(p_features: np.ndarray, q_features: np.ndarray, *, buckets: int = 0,
+          scaling: float = 5.0, seed: int = 0) -> dict:
+  """MAUVE (mauve-text's `compute_mauve` on feature arrays) of P = samples against Q = reference:
+  PCA to 90% of the variance, k-means into `buckets` clusters (0: max(2, round(min(n_p, n_q) /
+  10)), the package's 'auto'), the divergence curve scaled by `scaling`. Returns {'mauve',
+  'frontier_integral', 'protocol'}. Two exactly equal feature sets score 0.75, not 1 (ties in
+  the package's area computation); independent draws of one distribution score about 1."""
+  lib = require_mauve()
+  p = np.asarray(p_features, np.float32)
+  q = np.asarray(q_features, np.float32)
+  n_buckets = int(buckets) or max(2, int(round(min(p.shape[0], q.shape[0]) / 10)))
+  out = lib.compute_mauve(p_features=p, q_features=q, num_buckets=n_buckets,
+                          mauve_scaling_factor=float(scaling), seed=int(seed), verbose=False,
+                          kmeans_explained_var=0.9, kmeans_num_redo=5, kmeans_max_iter=500)
+  version = importlib.metadata.version('mauve-text')
+  return {'mauve': float(out.mauve), 'frontier_integral': float(out.frontier_integral),
+          'protocol': {'buckets': n_buckets, 'package': version,
+                       'pca_explained_variance': 0.9, 'kmeans_redo': 5}}

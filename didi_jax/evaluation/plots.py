@@ -1,7 +1,10 @@
 """Sweep plots: Gen PPL and entropy against NFE (log-2 axis) or against FLOPs per sample.
 
-One line per (model, sampler[, precision]) series with 95% bootstrap error bars; the precision
-enters the label only when the rows hold more than one. Figures are built without pyplot (no
+One line per (model, sampler[, precision][, temperature]) series with 95% bootstrap error bars;
+the precision and the temperature enter the label only when the rows hold more than one. When the
+teacher was sampled at two or more temperatures at an NFE (the entropy frontier, docs/method.md
+§12.1), a last panel plots Gen PPL against entropy: the frontier as a line per NFE and every
+other row at that NFE as a point in the same colour. Figures are built without pyplot (no
 global backend or figure registry is touched), so this works headless and inside notebooks.
 """
 from __future__ import annotations
@@ -10,9 +13,12 @@ import dataclasses
 import os
 from typing import Optional, Sequence
 
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
+
+from didi_jax.evaluation.frontier import row_temperature
 
 X_AXES = {
     'nfe': ('NFE (sampler steps)', 2),
@@ -49,20 +55,64 @@ def save(fig, path: str, title: Optional[str] = None) -> None:
   fig.savefig(path, dpi=110)
 
 
-def series_key(row: dict, with_precision: bool) -> tuple:
+def series_key(row: dict, with_precision: bool, with_temperature: bool = False) -> tuple:
   key = (row['model'], row['sampler'])
-  return key + (row.get('precision', 'float32'),) if with_precision else key
+  key += (row.get('precision', 'float32'),) if with_precision else ()
+  return key + (f'T={row_temperature(row):g}',) if with_temperature else key
 
 
 def group_series(rows: Sequence[dict], x: str = 'nfe') -> dict[tuple, list[dict]]:
   """Rows grouped by series (first-seen order), each sorted by `x`; rows without x are dropped."""
   with_precision = len({r.get('precision', 'float32') for r in rows}) > 1
+  with_temperature = len({row_temperature(r) for r in rows}) > 1
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
     if r.get(x) is None or r.get('gen_ppl') is None:
       continue
-    groups.setdefault(series_key(r, with_precision), []).append(r)
+    groups.setdefault(series_key(r, with_precision, with_temperature), []).append(r)
   return {k: sorted(v, key=lambda r: r[x]) for k, v in groups.items()}
+
+
+def frontier_groups(rows: Sequence[dict]) -> dict[tuple, list[dict]]:
+  """{(nfe, precision): the teacher's plain rows, one per temperature, sorted by entropy} for
+  every NFE with two or more temperatures (the frontiers the entropy panel draws)."""
+  groups: dict[tuple, dict] = {}
+  for r in rows:
+    if (r.get('model') == 'teacher' and r.get('sampler') != 'rgas'
+        and r.get('gen_ppl') is not None and r.get('entropy') is not None):
+      key = (int(r['nfe']), r.get('precision', 'float32'))
+      groups.setdefault(key, {}).setdefault(row_temperature(r), r)
+  return {k: sorted(v.values(), key=lambda r: r['entropy'])
+          for k, v in groups.items() if len(v) >= 2}
+
+
+def frontier_panel(ax, rows: Sequence[dict], frontiers: dict[tuple, list[dict]]) -> None:
+  """Gen PPL (log) against entropy: the teacher's frontier per NFE (a line through its
+  temperatures) and each non-teacher row at that NFE as a point with its intervals."""
+  with_precision = len({k[1] for k in frontiers}) > 1
+  cycle = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']
+  for i, (key, fr) in enumerate(sorted(frontiers.items())):
+    nfe, precision = key
+    tag = f'NFE={nfe}' + (f' {precision}' if with_precision else '')
+    colour = cycle[i % len(cycle)]
+    ax.plot([r['entropy'] for r in fr], [r['gen_ppl'] for r in fr], '--s', color=colour,
+            markersize=4, linewidth=1, label=f'teacher frontier {tag}')
+    for r in fr:
+      ax.annotate(f'T={row_temperature(r):g}', (r['entropy'], r['gen_ppl']), fontsize=6,
+                  textcoords='offset points', xytext=(3, 3), color=colour)
+    for r in rows:
+      if (r.get('model') == 'teacher' or r.get('gen_ppl') is None or r.get('entropy') is None
+          or (int(r['nfe']), r.get('precision', 'float32')) != key):
+        continue
+      marker = '^' if r['sampler'] == 'rgas' else 'o'
+      ax.errorbar([r['entropy']], [r['gen_ppl']], yerr=_errors([r], 'gen_ppl', 'gen_ppl_ci'),
+                  xerr=_errors([r], 'entropy', 'entropy_ci'), marker=marker, color=colour,
+                  linestyle='none', capsize=2, label=f'{r["model"]} / {r["sampler"]} {tag}')
+  ax.set_xlabel('unigram entropy (nats)')
+  ax.set_ylabel('Gen PPL')
+  ax.set_yscale('log')
+  ax.grid(True, which='both', alpha=0.3)
+  ax.legend(fontsize=7)
 
 
 def _errors(rows: list[dict], value: str, ci: str):
@@ -92,9 +142,15 @@ def curve(rows: Sequence[dict], path: str, *, x: str = 'nfe',
   primary = sorted({str(r.get('judge')) for r in rows})
   extra = [j for j in dict.fromkeys(k for r in rows for k in (r.get('judges') or {}))
            if j not in primary and all(j in (r.get('judges') or {}) for r in rows)]
-  fig = Figure(figsize=(5.5 * (len(extra) + 2), 4.2))
+  frontiers = frontier_groups(rows)
+  n_panels = len(extra) + 2 + bool(frontiers)
+  fig = Figure(figsize=(5.5 * n_panels, 4.2))
   FigureCanvasAgg(fig)
-  axes = list(fig.subplots(1, len(extra) + 2))
+  axes = list(fig.subplots(1, n_panels))
+  if frontiers:
+    ax_front = axes.pop()
+    frontier_panel(ax_front, rows, frontiers)
+    ax_front.set_ylabel(f'Gen PPL ({", ".join(primary)})')
   ppl_axes, ax_ent = axes[:-1], axes[-1]
   labels = []
   for key, rs in groups.items():

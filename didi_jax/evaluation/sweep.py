@@ -38,8 +38,9 @@ from didi_jax import artifacts, parallel, samples
 from didi_jax import config as config_lib
 from didi_jax.checkpoint import hub
 from didi_jax.checkpoint import loader
+from didi_jax.data import pipeline
 from didi_jax.data.tokenizers import get_tokenizer
-from didi_jax.evaluation import evaluate, judges, plots, protein_sweep
+from didi_jax.evaluation import evaluate, frontier, judges, metrics, plots, protein_sweep
 from didi_jax.sampling import ar
 from didi_jax.sampling import categorical, cost as cost_lib, runner
 from didi_jax.train import common
@@ -58,10 +59,12 @@ class Cell:
   sampler: str      # ancestral | cached | rgas | ar
   nfe: int
   precision: str
+  temperature: Optional[float] = None   # None: sampler.temperature; set for frontier rows
 
   @property
   def label(self) -> str:
-    return f'{self.model} {self.sampler} nfe={self.nfe} {self.precision}'
+    temp = '' if self.temperature is None else f' T={self.temperature:g}'
+    return f'{self.model} {self.sampler} nfe={self.nfe} {self.precision}{temp}'
 
   @property
   def weight(self) -> float:
@@ -210,6 +213,7 @@ def plan(cfg, models: Models) -> tuple[list[Cell], list[str]]:
   samplers = parse_list(s.samplers, 'samplers', SAMPLERS)
   precisions = parse_list(s.precisions, 'precisions', PRECISIONS)
   nfes, teacher_nfes = parse_nfes(s.nfes, 'nfes'), parse_nfes(s.teacher_nfes, 'teacher_nfes')
+  temps = config_lib.parse_temperatures(s.frontier_temperatures, 'sweep.frontier_temperatures')
   if not names or not precisions:
     raise ValueError('the sweep grid is empty: set --config.sweep.models and sweep.precisions')
   cells, skipped = [], []
@@ -231,7 +235,34 @@ def plan(cfg, models: Models) -> tuple[list[Cell], list[str]]:
         continue
       for p in precisions:
         cells += [Cell(name, sampler, n, p) for n in (teacher_nfes if name == 'teacher' else nfes)]
+  if temps:
+    cells += frontier_cells(cfg, models, cells, temps, samplers, precisions, teacher_nfes,
+                            skipped)
   return cells, skipped
+
+
+def frontier_cells(cfg, models: Models, cells: list[Cell], temps: list[float], samplers,
+                   precisions, teacher_nfes, skipped: list[str]) -> list[Cell]:
+  """The teacher at every frontier temperature × teacher NFE × precision (docs/method.md §12.1),
+  drawn with the grid's first plain sampler (ancestral / cached: the same law); a temperature
+  that a grid row already draws at is not drawn twice."""
+  if 'teacher' not in models.entries:
+    try:
+      models.resolve('teacher')
+    except (FileNotFoundError, ValueError) as err:
+      skipped.append(f'teacher frontier: {err}')
+      return []
+  sampler = next((x for x in samplers if x in ('ancestral', 'cached')), 'ancestral')
+  grid_temp = float(cfg.sampler.temperature)
+  have = {(c.sampler, c.nfe, c.precision) for c in cells if c.model == 'teacher'}
+  out = []
+  for p in precisions:
+    for n in teacher_nfes:
+      for t in temps:
+        if t == grid_temp and (sampler, n, p) in have:
+          continue
+        out.append(Cell('teacher', sampler, n, p, temperature=t))
+  return out
 
 
 def row_sampler_config(cfg, cell: Cell):
@@ -241,6 +272,8 @@ def row_sampler_config(cfg, cell: Cell):
     sc.kind = 'rgas' if cell.sampler == 'rgas' else 'ancestral'
     sc.steps = int(cell.nfe)
     sc.precision = cell.precision
+    if cell.temperature is not None:
+      sc.temperature = float(cell.temperature)
     if cell.sampler in ('ancestral', 'cached'):
       sc.cache = cell.sampler == 'cached'
   return sc
@@ -282,6 +315,8 @@ def cell_settings(cfg, cell: Cell, entry: ModelEntry, teacher_source: str = '') 
   if extra:                       # only then: rows of earlier sweeps keep their resume key
     out['extra_judges'] = extra
     out['extra_judge_context'] = int(e.get('extra_judge_context', 0))
+  if e.get('mauve'):              # likewise
+    out['mauve'] = mauve_settings(cfg)
   return json.loads(json.dumps(out, default=artifacts.json_default))
 
 
@@ -338,11 +373,13 @@ def judge_record(quality: dict, judge) -> dict:
 
 
 def run_cell(cfg, workdir: str, cell: Cell, models: Models, judge, mesh,
-             extra_judges=(), proteins=None) -> tuple[dict, object]:
+             extra_judges=(), proteins=None, mauve_reference=None) -> tuple[dict, object]:
   """Draws and judges one cell; returns (row without settings, SampleResult). With
   `extra_judges` the row also holds `judges`: {name: judge_record} for every judge. With
   `proteins` (a `protein_sweep.Context`; protein data) the row holds the protein metrics and no
-  judge is used."""
+  judge is used. Text rows write their per-sample judge scores and entropies to
+  sweep/per_sample/ (the frontier's bootstrap reads them); with `mauve_reference` (length ->
+  validation features; eval.mauve) the row holds its MAUVE record."""
   entry = models.entries[cell.model]
   nets = models.networks_for(cell.model, need_disc=cell.sampler == 'rgas')
   with _x64(cell):
@@ -371,9 +408,11 @@ def run_cell(cfg, workdir: str, cell: Cell, models: Models, judge, mesh,
            'sigma': res.settings.get('sigma'), 'x64': x64}
     return row, res
   texts = samples.decode_all(cfg, ids)
+  scores = {judge.name: {}}
   quality = evaluate.sample_quality(judge, ids, texts, group_size=int(cfg.sample.batch_size),
                                     judge_batch_size=int(e.judge_batch_size),
-                                    n_bootstrap=int(e.bootstrap), seed=int(e.seed))
+                                    n_bootstrap=int(e.bootstrap), seed=int(e.seed),
+                                    per_sample=scores[judge.name])
   settings = res.settings
   row = {'model': cell.model, 'sampler': cell.sampler, 'nfe': cell.nfe,
          'precision': cell.precision, 'network': entry.role, 'source': entry.source,
@@ -383,14 +422,21 @@ def run_cell(cfg, workdir: str, cell: Cell, models: Models, judge, mesh,
          'seconds': float(res.seconds), 'compile_seconds': float(res.compile_seconds),
          'tokens_per_second': float(ids.size / max(res.seconds, 1e-9)),
          'seed': int(e.seed), 'judge': e.judge, 'judge_context': int(e.judge_context),
-         'regime': settings.get('regime'), 'sigma': settings.get('sigma'), 'x64': x64}
+         'regime': settings.get('regime'), 'sigma': settings.get('sigma'), 'x64': x64,
+         'temperature': float(settings.get('temperature', cfg.sampler.temperature))}
   if extra_judges:
     row['judges'] = {e.judge: judge_record(quality, judge)}
     for other in extra_judges:
+      scores[other.name] = {}
       q = evaluate.sample_quality(other, ids, texts, group_size=int(cfg.sample.batch_size),
                                   judge_batch_size=int(e.judge_batch_size),
-                                  n_bootstrap=int(e.bootstrap), seed=int(e.seed))
+                                  n_bootstrap=int(e.bootstrap), seed=int(e.seed),
+                                  per_sample=scores[other.name])
       row['judges'][other.name] = judge_record(q, other)
+  row['per_sample'] = write_per_sample(os.path.join(workdir, 'sweep'),
+                                       _sweep_name(cell, int(e.seed)), ids, scores)
+  if mauve_reference is not None:
+    row['mauve'] = mauve_record(cfg, judge, texts, mauve_reference(int(ids.shape[1])))
   if x64 and cell.precision == 'float64':
     row['note'] = 'jax_enable_x64 on (scoped to this row)'
   return row, res
@@ -407,27 +453,51 @@ def _fmt_ci(v, ci, digits: int) -> str:
   return f'{v:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]'
 
 
+def _fmt_frontier(rec: Optional[dict]) -> str:
+  """'gap [CI] (teacher F)' of a frontier record; extrapolation and notes spelled out."""
+  if not rec:
+    return ''
+  if 'gap' not in rec:
+    return '–'
+  text = f'{_fmt_ci(rec["gap"], rec.get("gap_ci"), 2)} (teacher {rec["teacher_gen_ppl"]:.2f})'
+  return text + (' extrapolated' if rec['extrapolated'] else '')
+
+
+def _sampler_label(r: dict) -> str:
+  t = frontier.row_temperature(r)
+  return r['sampler'] if t == 1.0 else f'{r["sampler"]} T={t:g}'
+
+
 def markdown(rows: list[dict], cfg, references: dict, skipped: list[str]) -> str:
-  """The results table (one line per row) plus the data reference and skipped combinations."""
+  """The results table (one line per row) plus the data reference and skipped combinations;
+  with a frontier, a gap column per judge; with MAUVE, its column and protocol line."""
   e = cfg.eval
   extra = judges.extra_judge_names(e)
+  all_judges = [e.judge] + extra
+  has_frontier = any(r.get('frontier') for r in rows)
+  has_mauve = any(r.get('mauve') for r in rows)
+  gap_heads = [f'gap to teacher frontier {j} [95% CI]' for j in all_judges] if has_frontier else []
+  heads = (['model', 'sampler', 'precision', 'NFE', 'student fwd', 'disc fwd / bwd', 'net evals',
+            'TFLOPs/sample', 'Gen PPL [95% CI]']
+           + [f'Gen PPL {name} [95% CI]' for name in extra] + ['entropy [95% CI]'] + gap_heads
+           + (['MAUVE'] if has_mauve else []) + ['rep. 4-gram', 'seconds', 'tok/s'])
+  right = {'NFE', 'student fwd', 'disc fwd / bwd', 'net evals', 'TFLOPs/sample', 'MAUVE',
+           'rep. 4-gram', 'seconds', 'tok/s'}
   lines = [f'# NFE sweep — judge {e.judge} (context {e.judge_context}), {e.num_samples} samples '
-           f'per row, seed {e.seed}', '',
-           '| model | sampler | precision | NFE | student fwd | disc fwd / bwd | net evals '
-           '| TFLOPs/sample | Gen PPL [95% CI] | '
-           + ''.join(f'Gen PPL {name} [95% CI] | ' for name in extra)
-           + 'entropy [95% CI] | rep. 4-gram | seconds | tok/s |',
-           '|---|---|---|---:|---:|---:|---:|---:|---|' + '---|' * len(extra)
-           + '---|---:|---:|---:|']
+           f'per row, seed {e.seed}', '', '| ' + ' | '.join(heads) + ' |',
+           '|' + ''.join('---:|' if h in right else '---|' for h in heads)]
   for r in rows:
     tf = r.get('tflops_per_sample')
-    cells = [r['model'], r['sampler'], r['precision'], r['nfe'], r.get('student_forwards'),
+    fr = r.get('frontier') or {}
+    cells = [r['model'], _sampler_label(r), r['precision'], r['nfe'], r.get('student_forwards'),
              f'{r.get("disc_forwards")} / {r.get("disc_backwards")}',
              r.get('network_evaluations'), '–' if tf is None else f'{tf:.4g}',
              _fmt_ci(r.get('gen_ppl'), r.get('gen_ppl_ci'), 2),
              *(_fmt_ci(r.get('judges', {}).get(name, {}).get('gen_ppl'),
                        r.get('judges', {}).get(name, {}).get('gen_ppl_ci'), 2) for name in extra),
              _fmt_ci(r.get('entropy'), r.get('entropy_ci'), 3),
+             *([_fmt_frontier(fr.get(j)) for j in all_judges] if has_frontier else []),
+             *([_fmt_ci((r.get('mauve') or {}).get('mauve'), None, 3)] if has_mauve else []),
              f'{r.get("repeated_4gram_rate", float("nan")):.3f}',
              f'{r.get("seconds", 0.0):.2f}', f'{r.get("tokens_per_second", 0.0):,.0f}']
     lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
@@ -446,9 +516,47 @@ def markdown(rows: list[dict], cfg, references: dict, skipped: list[str]) -> str
     lines.append(f'Regime(s): {"; ".join(regimes)}. σ convention: {", ".join(sigmas) or "–"}. '
                  'NFE is the paper\'s count (sampler steps; the AR row: L one-token KV-cache '
                  'forwards); student fwd adds noise removal and subtracts cache hits.')
+  if has_frontier:
+    lines.append(FRONTIER_NOTE)
+  if has_mauve:
+    p = next(r['mauve']['protocol'] for r in rows if r.get('mauve'))
+    lines.append(f'MAUVE (mauve-text {p["package"]}): {p["num_samples"]} samples vs '
+                 f'{p["num_reference"]} {p["reference"]} of the same length, features of judge '
+                 f'{p["judge"]} (context {p["judge_context"]}, {FEATURES[p["feature"]]}, '
+                 f'{p["feature_dim"]} dims), {p["buckets"]} k-means clusters, scaling '
+                 f'c = {p["scaling"]:g}, seed {p["seed"]}.')
   for reason in skipped:
     lines.append(f'Skipped: {reason}')
   return '\n'.join(lines) + '\n'
+
+
+FRONTIER_NOTE = (
+    'Teacher frontier: the teacher at the same NFE sampled at the temperatures T of the teacher '
+    'rows; "teacher" is its Gen PPL at the row\'s entropy (log Gen PPL linear in entropy between '
+    'the two bracketing temperatures), the gap is the row\'s Gen PPL minus it (negative: below '
+    'the frontier, the row beats the teacher at equal entropy only when the whole interval is '
+    'negative). "extrapolated": the row\'s entropy lies outside the frontier\'s range (no verdict). '
+    'Interval: bootstrap over the row\'s and the frontier points\' samples.')
+FEATURES = {'last': "final-norm hidden state at the last token",
+            'mean': 'final-norm hidden states mean-pooled'}
+
+
+def attach_frontier(rows: list[dict], cfg, out_dir: str) -> dict:
+  """Writes each non-teacher row's frontier record per judge into row['frontier'] (recomputed
+  every run); returns {judge: {(nfe, precision): [(temperature, Samples)]}}."""
+  e = cfg.eval
+  read = per_sample_reader(out_dir)
+  names = [e.judge] + judges.extra_judge_names(e)
+  points = {j: frontier.frontier_points(rows, read, j) for j in names}
+  for r in rows:
+    r.pop('frontier', None)
+    if r.get('model') == 'teacher' or r.get('gen_ppl') is None:
+      continue
+    key = (int(r['nfe']), r.get('precision', 'float32'))
+    r['frontier'] = {j: frontier.row_record(r, points[j].get(key), read, j,
+                                            n_bootstrap=int(e.bootstrap), seed=int(e.seed))
+                     for j in names}
+  return points
 
 
 def _write_text(path: str, text: str) -> None:
@@ -473,7 +581,86 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def _sweep_name(cell: Cell, seed: int) -> str:
-  return f'sweep_{cell.model}_{cell.sampler}_nfe{cell.nfe}_{cell.precision}_seed{seed}'
+  temp = '' if cell.temperature is None else f'_T{cell.temperature:g}'
+  return f'sweep_{cell.model}_{cell.sampler}_nfe{cell.nfe}_{cell.precision}{temp}_seed{seed}'
+
+
+# ------------------------------------------------------------------- per-sample scores, MAUVE
+
+PER_SAMPLE = 'per_sample'
+
+
+def write_per_sample(out_dir: str, name: str, ids: np.ndarray, scores: dict) -> str:
+  """Writes OUT_DIR/per_sample/NAME.npz (unigram entropy per sample; per judge, in order, the
+  counted NLL sum and token count per sample); returns its path relative to OUT_DIR."""
+  rel = os.path.join(PER_SAMPLE, name + '.npz')
+  path = os.path.join(out_dir, rel)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  names = list(scores)
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, entropy=samples.unigram_entropy(ids), judges=np.asarray(names, dtype=str),
+           nll_sum=np.stack([scores[n]['nll_sum'] for n in names]),
+           count=np.stack([scores[n]['count'] for n in names]))
+  os.replace(tmp, path)
+  return rel
+
+
+def per_sample_reader(out_dir: str):
+  """(row, judge) -> frontier.Samples from the row's per-sample file, or None when it has none."""
+  cache: dict[str, Optional[dict]] = {}
+
+  def read(row: dict, judge: str):
+    rel = row.get('per_sample')
+    if not rel:
+      return None
+    if rel not in cache:
+      path = os.path.join(out_dir, rel)
+      if os.path.exists(path):
+        with np.load(path) as z:
+          cache[rel] = {k: z[k] for k in z.files}
+      else:
+        cache[rel] = None
+    z = cache[rel]
+    if z is None or judge not in list(z['judges']):
+      return None
+    j = list(z['judges']).index(judge)
+    return frontier.Samples(z['nll_sum'][j], z['count'][j], z['entropy'])
+  return read
+
+
+def mauve_settings(cfg) -> dict:
+  """The MAUVE protocol's settings (the resume key's part and the record's)."""
+  e = cfg.eval
+  return {'judge': e.judge, 'judge_context': int(e.judge_context), 'feature': e.mauve_feature,
+          'buckets': int(e.mauve_buckets), 'scaling': float(e.mauve_scaling),
+          'seed': int(e.seed), 'reference': 'validation blocks'}
+
+
+def mauve_reference_features(cfg, judge):
+  """length -> the judge's features of `eval.num_samples` validation blocks of that length
+  (computed once per length)."""
+  cache: dict[int, np.ndarray] = {}
+  e = cfg.eval
+
+  def get(length: int) -> np.ndarray:
+    if length not in cache:
+      blocks = pipeline.eval_batches(cfg.data, length, int(e.num_samples), 1)[0]
+      cache[length] = judge.features(samples.decode_all(cfg, blocks),
+                                     int(e.judge_batch_size), e.mauve_feature)
+    return cache[length]
+  return get
+
+
+def mauve_record(cfg, judge, texts, reference: np.ndarray) -> dict:
+  """MAUVE of `texts` (the judge's features) against the reference features, with its protocol."""
+  e = cfg.eval
+  feats = judge.features(texts, int(e.judge_batch_size), e.mauve_feature)
+  rec = metrics.mauve(feats, reference, buckets=int(e.mauve_buckets),
+                      scaling=float(e.mauve_scaling), seed=int(e.seed))
+  rec['protocol'] = dict(mauve_settings(cfg), num_samples=int(feats.shape[0]),
+                         num_reference=int(reference.shape[0]),
+                         feature_dim=int(feats.shape[1]), **rec.pop('protocol'))
+  return rec
 
 
 def data_reference(cfg, length: int, judge, extra_judges=()) -> dict:
@@ -535,6 +722,7 @@ def run(cfg, workdir: str) -> dict:
   mesh = parallel.make_mesh(cfg.mesh)
   judge = None
   extra_judges = None
+  mauve_reference = None         # length -> validation features (eval.mauve), with the judge
   protein = config_lib.is_protein(cfg)
   proteins = None                # protein_sweep.Context, made on the first computed row
   teacher_source = ''
@@ -567,9 +755,13 @@ def run(cfg, workdir: str) -> dict:
     if judge is None and not protein:
       judge = judges.load_judge(cfg.eval.judge, int(cfg.eval.judge_context))
       extra_judges = judges.load_extra_judges(cfg.eval)
+      if cfg.eval.mauve:
+        metrics.require_mauve()
+        mauve_reference = mauve_reference_features(cfg, judge)
     t0 = time.time()
     try:
-      row, res = run_cell(cfg, workdir, cell, models, judge, mesh, extra_judges, proteins)
+      row, res = run_cell(cfg, workdir, cell, models, judge, mesh, extra_judges, proteins,
+                          mauve_reference)
     except ValueError as err:
       if cell.sampler == 'rgas' and models.entries[cell.model].disc_error:
         skipped.append(f'{cell.label}: {err}')
@@ -594,11 +786,19 @@ def run(cfg, workdir: str) -> dict:
       continue
     _write_text(os.path.join(out_dir, TABLE), markdown(rows, cfg, {}, skipped))
     lo, hi = row['gen_ppl_ci']
+    mauve_text = f' | MAUVE {row["mauve"]["mauve"]:.3f}' if row.get('mauve') else ''
     print(f'{prefix}: Gen PPL {row["gen_ppl"]:.2f} [{lo:.2f}, {hi:.2f}] | entropy '
-          f'{row["entropy"]:.3f} | {row["student_forwards"]} fwd, {row["disc_forwards"]} disc | '
-          f'{dt:.1f}s | ETA {_fmt_eta(eta)}', flush=True)
+          f'{row["entropy"]:.3f}{mauve_text} | {row["student_forwards"]} fwd, '
+          f'{row["disc_forwards"]} disc | {dt:.1f}s | ETA {_fmt_eta(eta)}', flush=True)
 
   stale = [previous[i] for i in unused]
+  if not protein:
+    if config_lib.parse_temperatures(cfg.sweep.frontier_temperatures,
+                                     'sweep.frontier_temperatures'):
+      attach_frontier(rows, cfg, out_dir)
+    else:
+      for r in rows:
+        r.pop('frontier', None)
   artifacts.write_json(results_path, rows)
   stale_path = os.path.join(out_dir, STALE)
   if stale:

@@ -87,12 +87,16 @@ class Llama(nnx.Module):
     self.output = (None if cfg.tie_embeddings else
                    EmbeddingTable(cfg.vocab_size, cfg.d_model, rngs=rngs))
 
-  def __call__(self, ids_BxL: Array) -> Array:
-    """Next-token logits (B, L, V) in compute dtype."""
+  def features(self, ids_BxL: Array) -> Array:
+    """Final-norm hidden states (B, L, D), the output head's input."""
     L = ids_BxL.shape[1]
     cos, sin = rotary_tables(L, self.cfg.head_dim, self.cfg.rope_theta)
     h = self.token_embd(ids_BxL)
     for block in self.blk:
       h = block(h, cos, sin)
+    return self.output_norm(h)
+
+  def __call__(self, ids_BxL: Array) -> Array:
+    """Next-token logits (B, L, V) in compute dtype."""
     head = self.token_embd if self.output is None else self.output
-    return head.attend(self.output_norm(h), self.dtype)
+    return head.attend(self.features(ids_BxL), self.dtype)
