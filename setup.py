@@ -29,11 +29,13 @@ setup(
         # torch (CPU build), transformers, accelerate: the cross-checks against the reference
         # implementations; exact CI versions in .ci/requirements-test.txt.
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scipy>=1.11', 'torch>=2.4',
-                 'transformers>=4.46', 'accelerate>=1.0'],
+                 'transformers>=4.46', 'accelerate>=1.0', 'mauve-text>=0.4'],
         'gpu': ['jax[cuda12]>=0.10.2'],
         'tpu': ['jax[tpu]>=0.10.2'],
         'hub': ['huggingface_hub>=0.24', 'datasets>=2.19'],
         'tensorboard': ['tensorboardX>=2.6'],
+        # MAUVE in the sweep (eval.mauve=True): mauve-text pulls faiss-cpu and scikit-learn.
+        'eval': ['mauve-text>=0.4'],
     },
     entry_points={'console_scripts': ['didi-jax=didi_jax.main:run_cli']},
 )

@@ -17,7 +17,7 @@ from didi_jax import samples
 from didi_jax.checkpoint import loader
 from didi_jax.checkpoint.manager import Manager
 from didi_jax.data import pipeline
-from didi_jax.evaluation import evaluate, judges, plots, sweep
+from didi_jax.evaluation import evaluate, judges, metrics, plots, sweep
 from didi_jax.sampling import runner
 from didi_jax.train import distill_state, pretrain
 
@@ -315,9 +315,11 @@ def test_sweep_scores_every_judge(tmp_path, teacher_dir):
                               sweep.ModelEntry('teacher', 'teacher', teacher_dir, 6))
   assert 'extra_judges' not in plain
   cfg.eval.extra_judges = byte_judge
+  cfg.eval.mauve = True
   out = sweep.run(cfg, str(tmp_path))
   with open(out['results'], encoding='utf-8') as f:
     (row,) = json.load(f)
+  check_mauve(cfg, row, out)
   assert list(row['judges']) == ['smollm2', byte_judge]
   assert row['judges']['smollm2']['gen_ppl'] == row['gen_ppl']
   extra = row['judges'][byte_judge]
@@ -342,3 +344,30 @@ def test_sweep_scores_every_judge(tmp_path, teacher_dir):
     return list(series.lines[0].get_ydata()), float(ref.get_ydata()[0])
   assert drawn(ax_first) == (pytest.approx([row['gen_ppl']]), 100.0)
   assert drawn(ax_extra) == (pytest.approx([extra['gen_ppl']]), 7.0)
+
+
+def check_mauve(cfg, row, out):
+  """eval.mauve: the row's MAUVE against as many validation blocks of its length, on the primary
+  judge's last-token features, with the protocol beside the number (and in the resume key)."""
+  pytest.importorskip('mauve', reason='MAUVE needs the mauve-text package (.[eval])')
+  rec = row['mauve']
+  p = rec['protocol']
+  assert 0 < rec['mauve'] <= 1
+  assert p['judge'] == 'smollm2' and p['judge_context'] == JUDGE_CONTEXT
+  assert p['feature'] == 'last' and p['num_samples'] == p['num_reference'] == 4
+  assert p['buckets'] == 2 and p['scaling'] == 5.0 and p['seed'] == 0
+  assert p['reference'] == 'validation blocks' and p['package'] and p['feature_dim'] > 0
+  assert row['settings']['mauve']['feature'] == 'last'
+  # The number is mauve-text's on the judge's features of these samples and of the blocks.
+  judge = judges.load_judge('smollm2', JUDGE_CONTEXT)
+  ids, texts, _ = samples.read_samples(os.path.join(
+      os.path.dirname(out['results']), '..', 'samples',
+      'sweep_teacher_ancestral_nfe2_float32_seed0.jsonl'))
+  blocks = pipeline.eval_batches(cfg.data, ids.shape[1], 4, 1)[0]
+  want = metrics.mauve(judge.features(texts, 8),
+                       judge.features(samples.decode_all(cfg, blocks), 8), seed=0)
+  assert rec['mauve'] == pytest.approx(want['mauve'], rel=1e-9)
+  with open(out['table'], encoding='utf-8') as f:
+    table = f.read()
+  assert '| MAUVE |' in table and 'MAUVE (mauve-text' in table
+  assert '4 samples vs 4 validation blocks' in table and '2 k-means clusters' in table

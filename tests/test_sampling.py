@@ -228,6 +228,7 @@ N_DRAWS = 20000
 @pytest.mark.parametrize('kw', [
     dict(),                                                    # SUBS, σ = 0, sample
     dict(output='raw', sigma_mode='true', temperature=0.7),    # raw softmax, true σ, cache off
+    dict(temperature=0.5),                                     # the entropy frontier's draw
     dict(top_p=0.75, noise_removal='greedy'),
 ])
 def test_ancestral_matches_exact_law(kw):

@@ -10,10 +10,18 @@ Grid (config section `sweep`):
 
 Every row draws `eval.num_samples` samples with seed `eval.seed` (batch `sample.batch_size`) and is
 judged by one judge loaded once (plus the further judges of `eval.extra_judges`, whose Gen PPL
-goes to each row's `judges` record and to extra table columns). Outputs in WORKDIR/sweep/: results.json (rows), results.md (table),
-curve.png (Gen PPL and entropy vs NFE) and curve_flops.png (vs TFLOPs per sample). A row whose
-settings equal a row already in results.json is reused, so a killed sweep continues where it
-stopped; rows of an earlier grid that no longer match go to results.stale.json.
+goes to each row's `judges` record and to extra table columns). Outputs in WORKDIR/sweep/:
+results.json (rows), results.md (table), curve.png (Gen PPL and entropy vs NFE) and
+curve_flops.png (vs TFLOPs per sample), per_sample/ (each row's per-sample judge scores and
+entropies). A row whose settings equal a row already in results.json is reused, so a killed sweep
+continues where it stopped; rows of an earlier grid that no longer match go to results.stale.json.
+
+Teacher frontier (`sweep.frontier_temperatures`, docs/method.md §12.1): the teacher also runs at
+each listed temperature at every teacher NFE, and every non-teacher row gets `frontier`: per judge,
+the teacher's Gen PPL interpolated at the row's entropy and the gap with its bootstrap interval
+(recomputed from per_sample/ at the end of every run); the curve gets a Gen PPL-against-entropy
+panel. MAUVE (`eval.mauve`, §12.2): each row's `mauve` record, against validation blocks of the
+same length on the primary judge's features, with its protocol.
 
 Protein data (`data.tokenizer` 'protein' | 'esm'): no judge is loaded; each row holds the protein
 metrics of `evaluation.protein_sweep` (composition KL / JS and lengths vs the training data,
@@ -535,8 +543,8 @@ FRONTIER_NOTE = (
     'rows; "teacher" is its Gen PPL at the row\'s entropy (log Gen PPL linear in entropy between '
     'the two bracketing temperatures), the gap is the row\'s Gen PPL minus it (negative: below '
     'the frontier, the row beats the teacher at equal entropy only when the whole interval is '
-    'negative). "extrapolated": the row\'s entropy lies outside the frontier\'s range (no verdict). '
-    'Interval: bootstrap over the row\'s and the frontier points\' samples.')
+    'negative). "extrapolated": the row\'s entropy lies outside the frontier\'s range (no '
+    'verdict). Interval: bootstrap over the row\'s and the frontier points\' samples.')
 FEATURES = {'last': "final-norm hidden state at the last token",
             'mean': 'final-norm hidden states mean-pooled'}
 
