@@ -281,8 +281,11 @@ def base_config() -> ml_collections.ConfigDict:
                                   # list of softmax temperatures > 0, e.g. '0.8,0.9,1.0'; the
                                   # teacher is sampled at each teacher NFE at each temperature and
                                   # every other row gets the teacher's Gen PPL at its entropy and
-                                  # the gap ('': off). Cost: one teacher row per temperature and
-                                  # teacher NFE (MEASURED_COST)
+                                  # the gap ('': off). Cost: one teacher row per extra temperature
+                                  # and teacher NFE, as much as the teacher's own row; on the demo
+                                  # (64 samples, teacher NFEs 4,8,16,64) about +150 s of sampling
+                                  # per extra temperature on 2 idle cores, plus judging those rows
+                                  # (measured: NFE 8, 16 samples, 25-38 s sampling per row)
   ))
 
   cfg.ablation = ml_collections.ConfigDict(dict(

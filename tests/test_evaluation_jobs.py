@@ -287,8 +287,11 @@ def check_frontier(cfg, workdir, out, cold, by):
   assert '| ancestral T=0.2 |' in table and 'gap to teacher frontier smollm2' in table
   assert 'Teacher frontier:' in table
   # The entropy panel: the frontier through (entropy, Gen PPL) of T = 0.2 and 1, each row a point.
-  fig = plots.curve([teacher, student, rgas, cold], os.path.join(workdir, 'f.png')).figure
+  fig = plots.curve([teacher, student, rgas, cold], os.path.join(workdir, 'f.png'),
+                    data_entropy=3.5, data_gen_ppl=70.0).figure
   ax = fig.axes[-1]
+  (data,) = [ln for ln in ax.get_lines() if ln.get_label() == 'validation data']
+  assert (list(data.get_xdata()), list(data.get_ydata())) == ([3.5], [70.0])
   assert ax.get_xlabel() == 'unigram entropy (nats)'
   (line,) = [ln for ln in ax.get_lines() if ln.get_label() == 'teacher frontier NFE=2']
   assert list(line.get_xdata()) == [cold['entropy'], teacher['entropy']]

@@ -86,9 +86,11 @@ def frontier_groups(rows: Sequence[dict]) -> dict[tuple, list[dict]]:
           for k, v in groups.items() if len(v) >= 2}
 
 
-def frontier_panel(ax, rows: Sequence[dict], frontiers: dict[tuple, list[dict]]) -> None:
+def frontier_panel(ax, rows: Sequence[dict], frontiers: dict[tuple, list[dict]],
+                   data: Optional[tuple] = None) -> None:
   """Gen PPL (log) against entropy: the teacher's frontier per NFE (a line through its
-  temperatures) and each non-teacher row at that NFE as a point with its intervals."""
+  temperatures) and each non-teacher row at that NFE as a point with its intervals; `data`
+  (entropy, Gen PPL) of the validation text as a star."""
   with_precision = len({k[1] for k in frontiers}) > 1
   cycle = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']
   for i, (key, fr) in enumerate(sorted(frontiers.items())):
@@ -108,6 +110,8 @@ def frontier_panel(ax, rows: Sequence[dict], frontiers: dict[tuple, list[dict]])
       ax.errorbar([r['entropy']], [r['gen_ppl']], yerr=_errors([r], 'gen_ppl', 'gen_ppl_ci'),
                   xerr=_errors([r], 'entropy', 'entropy_ci'), marker=marker, color=colour,
                   linestyle='none', capsize=2, label=f'{r["model"]} / {r["sampler"]} {tag}')
+  if data is not None and None not in data:
+    ax.plot([data[0]], [data[1]], '*', color='gray', markersize=9, label='validation data')
   ax.set_xlabel('unigram entropy (nats)')
   ax.set_ylabel('Gen PPL')
   ax.set_yscale('log')
@@ -149,7 +153,7 @@ def curve(rows: Sequence[dict], path: str, *, x: str = 'nfe',
   axes = list(fig.subplots(1, n_panels))
   if frontiers:
     ax_front = axes.pop()
-    frontier_panel(ax_front, rows, frontiers)
+    frontier_panel(ax_front, rows, frontiers, (data_entropy, data_gen_ppl))
     ax_front.set_ylabel(f'Gen PPL ({", ".join(primary)})')
   ppl_axes, ax_ent = axes[:-1], axes[-1]
   labels = []
