@@ -285,6 +285,7 @@ def check_frontier(cfg, workdir, out, cold, by):
   with open(out['table'], encoding='utf-8') as f:
     table = f.read()
   assert '| ancestral T=0.2 |' in table and 'gap to teacher frontier smollm2' in table
+  assert f'(teacher {teacher["gen_ppl"]:.2f}) tie |' in table
   assert 'Teacher frontier:' in table
   # The entropy panel: the frontier through (entropy, Gen PPL) of T = 0.2 and 1, each row a point.
   fig = plots.curve([teacher, student, rgas, cold], os.path.join(workdir, 'f.png'),

@@ -173,3 +173,27 @@ def test_missing_mauve_is_one_line_with_the_pip_command(monkeypatch):
     jobs.check(cfg)
   cfg.eval.mauve = False
   jobs.check(cfg)
+
+
+def test_table_columns_say_gap_teacher_verdict_and_why_not():
+  """results.md: a gap column per judge with 'gap [CI] (teacher F) verdict', '–' plus a note
+  line for a row without a frontier, the temperature in the sampler column."""
+  from didi_jax.evaluation import sweep
+  cfg = config_lib.base_config()
+  cfg.eval.judge, cfg.eval.extra_judges = 'j', 'k'
+  base = {'precision': 'float32', 'gen_ppl': 15.0, 'gen_ppl_ci': [14.0, 16.0], 'entropy': 3.0,
+          'entropy_ci': [2.9, 3.1]}
+  below = frontier.gap(alike(16, 3.0, 15.0), FRONTIER, n_bootstrap=20)
+  rows = [dict(base, model='teacher', sampler='ancestral', nfe=8, temperature=0.8),
+          dict(base, model='student', sampler='rgas', nfe=8, temperature=1.0,
+               frontier={'j': below, 'k': frontier.gap(alike(16, 1.0, 4.0), FRONTIER)}),
+          dict(base, model='student', sampler='rgas', nfe=4, temperature=1.0,
+               frontier={'j': {'note': 'no teacher frontier at NFE 4'}, 'k': {'note': 'x'}})]
+  table = sweep.markdown(rows, cfg, {}, [])
+  head = [ln for ln in table.splitlines() if ln.startswith('| model')][0]
+  assert 'gap to teacher frontier j [95% CI] | gap to teacher frontier k [95% CI]' in head
+  line8, line4 = [ln for ln in table.splitlines() if ln.startswith('| student')]
+  assert '| -5.00 [-5.00, -5.00] (teacher 20.00) below | -1.00 (teacher 5.00) extrapolated |' \
+      in line8
+  assert '| – | – |' in line4 and 'No frontier (–): no teacher frontier at NFE 4' in table
+  assert '| teacher | ancestral T=0.8 |' in table and 'Teacher frontier:' in table
