@@ -462,13 +462,14 @@ def _fmt_ci(v, ci, digits: int) -> str:
 
 
 def _fmt_frontier(rec: Optional[dict]) -> str:
-  """'gap [CI] (teacher F)' of a frontier record; extrapolation and notes spelled out."""
+  """'gap [CI] (teacher F) verdict' of a frontier record (verdict: below / above / tie /
+  extrapolated); '–' when the row has no frontier (the record's note says why)."""
   if not rec:
     return ''
   if 'gap' not in rec:
     return '–'
-  text = f'{_fmt_ci(rec["gap"], rec.get("gap_ci"), 2)} (teacher {rec["teacher_gen_ppl"]:.2f})'
-  return text + (' extrapolated' if rec['extrapolated'] else '')
+  return (f'{_fmt_ci(rec["gap"], rec.get("gap_ci"), 2)} (teacher {rec["teacher_gen_ppl"]:.2f}) '
+          f'{rec["verdict"]}')
 
 
 def _sampler_label(r: dict) -> str:
@@ -526,6 +527,9 @@ def markdown(rows: list[dict], cfg, references: dict, skipped: list[str]) -> str
                  'forwards); student fwd adds noise removal and subtracts cache hits.')
   if has_frontier:
     lines.append(FRONTIER_NOTE)
+    notes = {rec['note'] for r in rows for rec in (r.get('frontier') or {}).values()
+             if rec.get('note')}
+    lines += [f'No frontier (–): {note}' for note in sorted(notes)]
   if has_mauve:
     p = next(r['mauve']['protocol'] for r in rows if r.get('mauve'))
     lines.append(f'MAUVE (mauve-text {p["package"]}): {p["num_samples"]} samples vs '
@@ -542,9 +546,10 @@ FRONTIER_NOTE = (
     'Teacher frontier: the teacher at the same NFE sampled at the temperatures T of the teacher '
     'rows; "teacher" is its Gen PPL at the row\'s entropy (log Gen PPL linear in entropy between '
     'the two bracketing temperatures), the gap is the row\'s Gen PPL minus it (negative: below '
-    'the frontier, the row beats the teacher at equal entropy only when the whole interval is '
-    'negative). "extrapolated": the row\'s entropy lies outside the frontier\'s range (no '
-    'verdict). Interval: bootstrap over the row\'s and the frontier points\' samples.')
+    'the frontier; "below", the row beats the teacher at equal entropy, only when the whole '
+    'interval is negative, "tie" when it straddles 0). "extrapolated": the row\'s entropy lies '
+    'outside the frontier\'s range (no verdict). Interval: bootstrap over the row\'s and the '
+    'frontier points\' samples.')
 FEATURES = {'last': "final-norm hidden state at the last token",
             'mean': 'final-norm hidden states mean-pooled'}
 
