@@ -141,6 +141,10 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path):
     ('distill.optim.disc.warmup_steps', 0, 'distill.optim.disc.warmup_steps=0'),
     ('sweep.nfes', '8,x', 'sweep.nfes'),
     ('sweep.samplers', 'ancestral,beam', "'beam'"),
+    ('sweep.frontier_temperatures', '0.8,0', 'sweep.frontier_temperatures'),
+    ('eval.mauve_buckets', -1, 'eval.mauve_buckets=-1'),
+    ('eval.mauve_scaling', 0.0, 'eval.mauve_scaling=0.0'),
+    ('eval.mauve_feature', 'max', "eval.mauve_feature='max'"),
 ])
 def test_every_value_is_checked_before_any_work(key, value, fragment):
   from configs import demo
