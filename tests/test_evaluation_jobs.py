@@ -253,6 +253,14 @@ def test_sweep_student_and_rgas_rows(tmp_path, teacher_dir):
   by = {(r['model'], r['sampler']): r for r in rows}
   assert sorted(by) == [('student', 'ancestral'), ('student', 'rgas'), ('teacher', 'ancestral')]
   check_frontier(cfg, workdir, out, cold, by)
+  # A row without its per-sample scores (a sweep from before the frontier) is drawn again, the
+  # others reused; same seed, same samples: the same frontier record.
+  os.remove(os.path.join(workdir, 'sweep', by[('student', 'ancestral')]['per_sample']))
+  again = sweep.run(cfg, workdir)
+  assert (again['computed'], again['reused']) == (1, 3)
+  with open(again['results'], encoding='utf-8') as f:
+    redo = {(r['model'], r['sampler'], r['temperature']): r for r in json.load(f)}
+  assert redo[('student', 'ancestral', 1.0)]['frontier'] == by[('student', 'ancestral')]['frontier']
   assert any(s.startswith('teacher × rgas') for s in out['skipped'])
   student, teacher, rgas = by[('student', 'ancestral')], by[('teacher', 'ancestral')], \
       by[('student', 'rgas')]

@@ -151,12 +151,11 @@ def test_mauve_same_distribution_high_different_low():
   judge = tiny_byte_judge()
   rng = np.random.default_rng(0)
   text = 'the quick brown fox jumps over a lazy dog '
-  sets = [words(rng, 120, text), words(rng, 120, text), words(rng, 120, 'XYZ')]
-  for pool in ('mean', 'last'):
-    a, b, c = (judge.features(t, 16, pool) for t in sets)
-    same = metrics.mauve(a, b, seed=0)
-    other = metrics.mauve(a, c, seed=0)
-    assert same['mauve'] > 0.95 and other['mauve'] < 0.05, (pool, same, other)
+  a, b, c = (judge.features(t, 40) for t in
+             (words(rng, 120, text), words(rng, 120, text), words(rng, 120, 'XYZ')))
+  same = metrics.mauve(a, b, seed=0)
+  other = metrics.mauve(a, c, seed=0)
+  assert same['mauve'] > 0.95 and other['mauve'] < 0.05, (same, other)
   assert same['protocol'] == {'buckets': 12, 'package': same['protocol']['package'],
                               'pca_explained_variance': 0.9, 'kmeans_redo': 5}
   assert metrics.mauve(a, c, buckets=4, scaling=1.0, seed=0)['protocol']['buckets'] == 4

@@ -139,7 +139,7 @@ def row_record(row: dict, points: Optional[list], per_sample, judge: str, *, n_b
                     ' put the NFE in sweep.teacher_nfes'}
   s = per_sample(row, judge)
   if s is None:
-    return {'note': 'no per-sample scores for this row (an older sweep): rerun it'}
+    return {'note': 'no per-sample scores for this row (its per_sample file is missing)'}
   hs = [p.point()[0] for _, p in points]
   if max(hs) <= min(hs):
     return {'note': 'the frontier points share one entropy'}

@@ -618,6 +618,11 @@ def write_per_sample(out_dir: str, name: str, ids: np.ndarray, scores: dict) -> 
   return rel
 
 
+def _has_scores(row: dict, out_dir: str) -> bool:
+  """Whether a row's per-sample file exists (rows of sweeps before the frontier have none)."""
+  return bool(row.get('per_sample')) and os.path.exists(os.path.join(out_dir, row['per_sample']))
+
+
 def per_sample_reader(out_dir: str):
   """(row, judge) -> frontier.Samples from the row's per-sample file, or None when it has none."""
   cache: dict[str, Optional[dict]] = {}
@@ -741,6 +746,10 @@ def run(cfg, workdir: str) -> dict:
   teacher_source = ''
   if protein:
     teacher_source = samples.network_source(cfg, workdir, 'teacher')
+  # The frontier's bootstrap reads per-sample scores: a row of an older sweep without them is
+  # computed again rather than reused.
+  needs_scores = not protein and bool(config_lib.parse_temperatures(
+      cfg.sweep.frontier_temperatures, 'sweep.frontier_temperatures'))
   rows: list[dict] = []
   computed = reused = 0
   done_weight, elapsed = 0.0, 0.0
@@ -753,7 +762,8 @@ def run(cfg, workdir: str) -> dict:
   for i, cell in enumerate(cells):
     entry = models.entries[cell.model]
     settings = cell_settings(cfg, cell, entry, teacher_source)
-    hit = next((j for j in unused if previous[j].get('settings') == settings), None)
+    hit = next((j for j in unused if previous[j].get('settings') == settings
+                and (not needs_scores or _has_scores(previous[j], out_dir))), None)
     todo_weight -= cell.weight
     prefix = f'sweep [{i + 1}/{len(cells)}] {cell.label}'
     if hit is not None:
@@ -806,8 +816,7 @@ def run(cfg, workdir: str) -> dict:
 
   stale = [previous[i] for i in unused]
   if not protein:
-    if config_lib.parse_temperatures(cfg.sweep.frontier_temperatures,
-                                     'sweep.frontier_temperatures'):
+    if needs_scores:
       attach_frontier(rows, cfg, out_dir)
     else:
       for r in rows:
