@@ -16,12 +16,18 @@ import sys
 __version__ = '0.1.0'
 
 _GOOGLE_PCI_VENDOR = '0x1ae0'          # TPU chips are Google PCI devices
+_TPU_VARIABLES = ('TPU_ACCELERATOR_TYPE', 'TPU_WORKER_HOSTNAMES', 'TPU_NAME',
+                  'TPU_WORKER_ID', 'TPU_PROCESS_BOUNDS')
 _NVIDIA_DEVICES = ('/dev/nvidia0', '/dev/nvidiactl', '/dev/dxg')
 _GPU_PLUGINS = {'cuda': ('jax_cuda12_plugin', 'jax_cuda13_plugin'),
                 'rocm': ('jax_rocm6_plugin', 'jax_rocm7_plugin')}
 
 
 def _has_tpu() -> bool:
+  """A TPU may be here: a Google PCI device, a TPU device node, or the TPU runtime's variables."""
+  if any(os.environ.get(k) for k in _TPU_VARIABLES) or glob.glob('/dev/accel*') or \
+      any(n.isdigit() for n in (os.listdir('/dev/vfio') if os.path.isdir('/dev/vfio') else ())):
+    return True
   for vendor in glob.glob('/sys/bus/pci/devices/*/vendor'):
     try:
       with open(vendor, encoding='ascii') as f:
