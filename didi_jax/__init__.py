@@ -5,8 +5,76 @@ Python API:
   load_discriminator(SOURCE, dtype=jnp.float32) -> (ids_BxL | logits_BxLxV, sigma_B) -> logits_BxL
   generate(MODEL, prompts=..., length=..., nfe=..., sampler=..., seed=...) -> texts and ids
       (didi_jax.generation; command line: python -m didi_jax.generate --help)
+SOURCE / MODEL name a model the one way every entry point does (didi_jax.checkpoint.loader.resolve:
+'demo', a run directory, a checkpoint file or directory, hf:ORG/NAME).
 """
+import glob
+import importlib.util
+import os
+import sys
+
 __version__ = '0.1.0'
+
+_GOOGLE_PCI_VENDOR = '0x1ae0'          # TPU chips are Google PCI devices
+_TPU_VARIABLES = ('TPU_ACCELERATOR_TYPE', 'TPU_WORKER_HOSTNAMES', 'TPU_NAME',
+                  'TPU_WORKER_ID', 'TPU_PROCESS_BOUNDS')
+_NVIDIA_DEVICES = ('/dev/nvidia0', '/dev/nvidiactl', '/dev/dxg')
+_GPU_PLUGINS = {'cuda': ('jax_cuda12_plugin', 'jax_cuda13_plugin'),
+                'rocm': ('jax_rocm6_plugin', 'jax_rocm7_plugin')}
+
+
+def _has_tpu() -> bool:
+  """A TPU may be here: a Google PCI device, a TPU device node, or the TPU runtime's variables."""
+  if any(os.environ.get(k) for k in _TPU_VARIABLES) or glob.glob('/dev/accel*') or \
+      any(n.isdigit() for n in (os.listdir('/dev/vfio') if os.path.isdir('/dev/vfio') else ())):
+    return True
+  for vendor in glob.glob('/sys/bus/pci/devices/*/vendor'):
+    try:
+      with open(vendor, encoding='ascii') as f:
+        if f.read().strip() == _GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def platforms_without_tpu():
+  """The JAX platforms of a machine without a TPU on which the `libtpu` wheel is installed, else
+  None (leave JAX's own choice alone).
+
+  With libtpu installed (the lock file brings it for the TPU ahead-of-time check) JAX tries the
+  TPU backend on every machine, and libtpu prints "Failed to find host bounds ... E0000 ...
+  INVALID_ARGUMENT ..." before failing where there is no TPU. Naming the platforms skips that
+  attempt, which can only fail there: 'cpu', or 'cuda,cpu' / 'rocm,cpu' where a GPU is visible
+  and its JAX plugin installed. A TPU machine, a JAX_PLATFORMS the user set, or JAX_FORCE_TPU_INIT
+  leave JAX as it is; `didi_jax.aot` still describes TPU topologies (it compiles on CPU).
+  """
+  if os.environ.get('JAX_PLATFORMS') or 'JAX_FORCE_TPU_INIT' in os.environ:
+    return None
+  if importlib.util.find_spec('libtpu') is None or _has_tpu():
+    return None
+  gpu = [name for name, plugins in _GPU_PLUGINS.items()
+         if any(importlib.util.find_spec(p) is not None for p in plugins)]
+  if any(os.path.exists(d) for d in _NVIDIA_DEVICES) or os.path.exists('/dev/kfd'):
+    if not gpu:
+      return None                      # JAX's own "GPU present, no GPU jaxlib" warning stays
+    return ','.join(gpu + ['cpu'])
+  return 'cpu'
+
+
+def _skip_absent_tpu() -> None:
+  platforms = platforms_without_tpu()
+  if platforms is None:
+    return
+  if 'jax' in sys.modules:             # imported already: its config read the environment
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.config.jax_platforms is None:
+      jax.config.update('jax_platforms', platforms)
+    return
+  os.environ['JAX_PLATFORMS'] = platforms
+
+
+_skip_absent_tpu()
 
 
 # The public API loads lazily (PEP 562): importing a submodule such as `didi_jax.aot`, which sets

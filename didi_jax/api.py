@@ -8,9 +8,10 @@ A 3-D input is a soft input read as the official model reads it: logits, h = sof
 in float32 (docs/method.md §3.2). soft_input='probs' reads it as probabilities instead (the path
 RGAS uses internally).
 
-`source` is a didi_jax run directory (a `pretrain` workdir gives its teacher, a `distill` workdir
-its student EMA, student or discriminator) or anything `didi_jax.checkpoint.importer` reads (file,
-directory, hf:ORG/NAME). With dtype=float32 every matmul runs in float32 (parity with the PyTorch model); with bfloat16 the model
+`source` names a model as every entry point does (`didi_jax.checkpoint.loader.resolve`): 'demo'
+(the shipped demo teacher), a didi_jax run directory (a `pretrain` workdir gives its teacher, a
+`distill` workdir its student EMA, student or discriminator), or anything
+`didi_jax.checkpoint.importer` reads (file, directory, hf:ORG/NAME). With dtype=float32 every matmul runs in float32 (parity with the PyTorch model); with bfloat16 the model
 follows the official bf16-autocast policy and returns bf16 logits (docs/method.md §3.2).
 """
 from __future__ import annotations
@@ -39,8 +40,10 @@ def _check_dtype(dtype):
 
 
 def _open(source: str):
-  """A run directory as is, anything else opened once (`importer.Source`)."""
-  return source if loader.checkpoint_dir(source) is not None else importer.open_source(source)
+  """`loader.resolve(source)`: a run directory as is, anything else opened once
+  (`importer.Source`)."""
+  path = loader.resolve(source)
+  return path if loader.checkpoint_dir(path) is not None else importer.open_source(path)
 
 
 def _load(source, role: str, dtype, size, length: int, weights: str = 'ema') -> tuple:

@@ -14,6 +14,10 @@ import ml_collections
 from didi_jax import errors
 
 JOBS = ('pretrain', 'distill', 'sample', 'evaluate', 'sweep', 'pipeline', 'ablate')
+# Models shipped with the package, by the short name every model source accepts
+# (didi_jax.checkpoint.loader.resolve): 'demo' is the byte-level Shakespeare demo teacher.
+SHIPPED_MODELS = {'demo': os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets',
+                                       'demo_teacher', 'teacher.safetensors')}
 
 # name: (hidden, blocks, heads, mlp, cond)   -- docs/method.md §3.1
 MODEL_SIZES = {
@@ -647,8 +651,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ('teacher.checkpoint', 'distill.init_checkpoint', 'sample.checkpoint',
               'eval.samples_file'):
     path = _get(cfg, key)
-    if path and not path.startswith('hf:') and not os.path.exists(os.path.expanduser(path)):
-      raise ConfigError(f'{key}={path!r} does not exist: fix the path (or use hf:ORG/NAME)')
+    shipped = path in SHIPPED_MODELS and key != 'eval.samples_file'
+    if path and not path.startswith('hf:') and not shipped and \
+        not os.path.exists(os.path.expanduser(path)):
+      raise ConfigError(f'{key}={path!r} does not exist: fix the path (or use hf:ORG/NAME, or '
+                        f'{", ".join(map(repr, SHIPPED_MODELS))} for the shipped model)')
   if d.real_source == 'teacher_samples' and \
       d.teacher_buffer.size < d.batch_size * d.group_size:
     raise ConfigError('distill.teacher_buffer.size must be >= distill.batch_size * group_size')

@@ -34,3 +34,7 @@ class CheckpointFormatError(CheckpointError):
 
 class WorkdirError(UserError, OSError):
   """A workdir that cannot be used: it is a file, or it cannot be created or written."""
+
+
+class DiskFullError(UserError, OSError):
+  """A write that ran out of disk space (or quota); what was written before is intact."""

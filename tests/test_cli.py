@@ -1,6 +1,10 @@
-"""The command line: help, one-line errors, exact resume (pretrain and distill), SIGTERM."""
+"""The command line: help, one-line errors, exact resume (pretrain and distill), SIGTERM; the
+README's job and preset lists equal the code's."""
+import glob
+import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs import demo
+from didi_jax import jobs
 from didi_jax import main as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,17 +70,44 @@ def env():
   return e
 
 
-def test_help_lists_jobs_and_configs():
+def code_presets() -> list:
+  """Every (config file, preset) the code accepts: the `preset == '...'` branches of each
+  configs/*.py, and '' (no preset)."""
+  out = []
+  for path in sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py'))):
+    text = open(path, encoding='utf-8').read()
+    names = [''] + re.findall(r"preset == '(\w+)'", text)
+    out += [f'configs/{os.path.basename(path)}' + (f':{n}' if n else '') for n in names]
+  return sorted(out)
+
+
+def test_help_lists_every_job_and_preset_and_exits_0():
   out = subprocess.run([sys.executable, '-m', 'didi_jax.main', '--help'], cwd=ROOT, env=env(),
                        capture_output=True, text=True, timeout=120)
-  text = out.stdout + out.stderr
-  for word in ('pretrain', 'distill', 'sample', 'evaluate', 'sweep', 'pipeline',
-               'configs/demo.py:smoke', 'configs/owt.py:teacher'):
-    assert word in text
+  assert out.returncode == 0 and not out.stderr, out.stderr
+  jobs_block = out.stdout.split('Jobs', 1)[1].split('Configs and presets', 1)[0]
+  assert re.findall(r'^  (\w+) ', jobs_block, re.M) == list(jobs.JOBS)   # incl. ablate
+  listed = sorted(re.findall(r'^  (configs/\S+)', out.stdout, re.M))
+  assert listed == code_presets()                  # incl. protein, judge and ablate presets
+  for name in listed:                              # each listed preset builds a config
+    path, _, preset = name.partition(':')
+    module = importlib.import_module('configs.' + os.path.basename(path)[:-3])
+    assert module.get_config(preset).job in jobs.JOBS
+
+
+def test_readme_lists_the_jobs_and_presets_of_the_code():
+  readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+  sentence = readme.split('`config.job` picks the job:', 1)[1].split('\n\n', 1)[0]
+  assert re.findall(r'`(\w+)`(?: \(|,|\.| and)', sentence) == list(jobs.JOBS)
+  block = readme.split('Configs and presets', 1)[1].split('\n\n', 1)[0]
+  assert sorted(re.findall(r'`(configs/[\w.]+(?::\w+)?)`', block)) == code_presets()
 
 
 @pytest.mark.parametrize('args,fragment', [
     (['--config=configs/demo.py:smoke', '--config.model.nope=3'], "unknown config key 'nope'"),
+    (['--config=configs/demo.py', '--config.distill.batch_sise=3'],
+     "unknown config key 'batch_sise' in --config.distill.batch_sise=3: did you mean "
+     '"batch_size" instead of "batch_sise"? (check the spelling'),
     (['--config=configs/demo.py:smokee'], "unknown preset 'smokee'"),
     (['--config=configs/demo.py:smoke', '--config.teacher.checkpoint=/no/such/file'],
      'does not exist'),
@@ -88,7 +120,7 @@ def test_bad_inputs_fail_with_one_line(tmp_path, args, fragment):
   assert out.returncode == 2
   lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
   assert len(lines) == 1, out.stderr
-  assert fragment in lines[0]
+  assert fragment in lines[0] and '\\' not in lines[0], lines[0]
 
 
 def test_missing_data_file_is_one_line(tmp_path):

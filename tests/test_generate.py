@@ -31,6 +31,7 @@ from scipy import stats as sps
 import didi_jax
 from didi_jax import config as config_lib
 from didi_jax import diffusion
+from didi_jax import errors
 from didi_jax import generation
 from didi_jax.data import tokenizers
 from didi_jax.generation import cli
@@ -349,6 +350,69 @@ def test_semi_autoregressive_length_and_earlier_windows():
   assert bytes(tail.ids[-7:].tolist()) == b'THE END' and tail.ids.shape == (40,)
 
 
+def test_long_prompts_continue_and_inputs_that_do_nothing_or_run_away_are_refused():
+  """What users did: a prompt longer than the window without a length, [MASK]{0}, a template
+  with nothing to fill, [MASK]{100000}; bytes and undecodable text as prompts."""
+  gen = tiny_generator(one_device=True)      # window 16: 14 content positions
+  prompt = '0123456789abcdefghij'            # 20 tokens, longer than a window
+  with pytest.raises(generation.PromptError, match=r'window of 14 .*--length .*above 20'):
+    gen.generate(prompt, nfe=2)              # would print the prompt back, having paid for it
+  events, windows_done = [], []
+  res = gen.generate(prompt, length=30, nfe=3, stride=5, seed=1, on_step=events.append,
+                     on_window=lambda k, n, t: windows_done.append((k, n)))
+  s = res.samples[0]
+  assert bytes(s.ids[:20].tolist()) == prompt.encode() and s.ids.shape == (30,)
+  assert not np.any(s.ids == gen.mask_id)
+  # Windows [0, 14) and [5, 19) hold only the prompt: skipped (no network call, no cost); the
+  # first one run starts at 10 and sees the 4 positions after the prompt masked.
+  firsts = [e for e in events if e['step'] == 0]
+  assert [e['start'] for e in firsts] == [10, 15, 20]
+  assert [int(np.sum(e['ids'][0] == gen.mask_id)) for e in firsts] == [4, 5, 1]
+  assert s.cost['windows'] == 3 and s.cost['nfe_total'] == 9
+  assert windows_done == [(3, 5), (4, 5), (5, 5)]
+  with pytest.raises(generation.PromptError, match=r'\[MASK\]\{0\}, which fills nothing'):
+    gen.generate('to be [MASK]{0} or not', nfe=2)
+  with pytest.raises(generation.PromptError, match='nothing to generate'):
+    gen.generate('abc', length=3, nfe=2)
+  with pytest.raises(generation.GenerationError, match=r'max_length=4096 .*--max_length=100000'):
+    gen.generate('[MASK]{100000}', nfe=2)    # refused before any work
+  assert gen.generate('[MASK]{12}', nfe=1, max_length=12).ids[0].shape == (12,)
+  with pytest.raises(generation.GenerationError, match='max_length=11'):
+    gen.generate('[MASK]{12}', nfe=1, max_length=11)
+  with pytest.raises(generation.PromptError, match='prompts is bytes'):
+    gen.generate(b'ROMEO:', nfe=2)
+  with pytest.raises(generation.PromptError, match='prompt 1 is bytes'):
+    gen.generate(['a', b'ROMEO:'], nfe=2)
+  with pytest.raises(generation.PromptError, match='prompt 0 is not valid text: character 2'):
+    gen.generate(b'ab\xffcd'.decode('utf-8', 'surrogateescape'), nfe=2)
+
+
+def test_one_resolver_names_every_model_source(tmp_path):
+  """'demo', the asset directory (with or without '/') and the file are one model, for the
+  API, generation, configs and the loader alike."""
+  from didi_jax.checkpoint import loader
+  file = config_lib.SHIPPED_MODELS['demo']
+  asset_dir = os.path.dirname(file)
+  for name in ('demo', asset_dir, asset_dir + '/', file):
+    assert loader.resolve(name) == file
+  assert loader.resolve('hf:org/name') == 'hf:org/name'
+  ids = np.arange(2 * 16, dtype=np.int32).reshape(2, 16) % 256
+  sigma = np.zeros((2,), np.float32)
+  want = np.asarray(didi_jax.load_denoiser(file)(ids, sigma))
+  assert np.abs(want).max() > 1
+  for name in ('demo', asset_dir + '/'):
+    np.testing.assert_array_equal(np.asarray(didi_jax.load_denoiser(name)(ids, sigma)), want)
+  assert generation.load('demo').source == file
+  cfg = config_lib.base_config()
+  cfg.teacher.checkpoint = 'demo'
+  config_lib.validate(cfg)                       # accepted where a path is
+  cfg.teacher.checkpoint = str(tmp_path / 'nope')
+  with pytest.raises(errors.ConfigError, match="'demo'"):
+    config_lib.validate(cfg)
+  with pytest.raises(errors.CheckpointError, match=r"does not exist: name a model as 'demo'"):
+    didi_jax.load_denoiser(str(tmp_path / 'nope'))
+
+
 def test_custom_reward_steers_and_zero_reward_is_plain_sampling():
   gen = fake_generator()
   prompt, n = [np.array([-1, -1, -1])], 1000
@@ -432,7 +496,7 @@ def test_api_entry_points_and_errors(tmp_path):
     didi_jax.generate(tiny_generator(), 'a', sampler='magic')
   with pytest.raises(generation.GenerationError, match='nfe'):
     didi_jax.generate(tiny_generator(), 'a', nfe=0)
-  with pytest.raises(generation.GenerationError, match='does not exist'):
+  with pytest.raises(errors.UserError, match='does not exist'):
     didi_jax.generate(str(tmp_path / 'nope'), 'a')
   with pytest.raises(generation.GenerationError, match="sampler='rgas'"):
     didi_jax.generate(tiny_generator(), 'a', reward=fav_reward(1.0))
@@ -537,6 +601,11 @@ def test_cli_smoke_checkpoint(tmp_path, capsys, monkeypatch):
     (['--checkpoint=demo', '--nfe=two'], 'invalid int value'),
     (['--checkpoint=demo', '--prompt=a longer prompt', '--length=4'], 'length=4'),
     (['--prompt=x'], 'required: --checkpoint'),
+    (['--checkpoint=demo', '--prompt=' + 'x' * 300], 'pass --length (length=) above 300'),
+    (['--checkpoint=demo', '--prompt=[MASK]{100000}'], 'pass --max_length=100000'),
+    (['--checkpoint=demo', '--prompt=to be [MASK]{0} or'], '[MASK]{0}, which fills nothing'),
+    (['--checkpoint=demo', '--prompt=ab\udcffcd'], '--prompt number 1 is not UTF-8 text'),
+    (['--checkpoint=demo', '--sampler=rgas', '--prompt=a', '--length=8'], 'no discriminator'),
 ])
 def test_cli_bad_input_is_one_line(capsys, argv, fragment):
   try:
@@ -547,6 +616,27 @@ def test_cli_bad_input_is_one_line(capsys, argv, fragment):
   lines = [ln for ln in err.splitlines() if ln.strip()]
   assert rc == 2 and len(lines) == 1 and fragment in lines[0], err
   assert 'Traceback' not in err
+  assert lines[0].count('teacher.safetensors') <= 1          # a path is named once
+
+
+def test_cli_prompts_file_not_utf8_and_long_output_progress(tmp_path, capsys, monkeypatch):
+  bad = tmp_path / 'latin1.txt'
+  bad.write_bytes('Roméo\n'.encode('latin-1'))
+  rc, _, err = run_cli(capsys, '--checkpoint=demo', f'--prompts_file={bad}')
+  assert rc == 2 and err.count('\n') == 1
+  assert f'--prompts_file={bad} is not UTF-8 text (byte 0xe9 at offset 3)' in err
+  assert 'iconv' in err
+  # A long output says on stderr how far it is; the cost line says why 4 NFE cost 5 calls.
+  monkeypatch.setattr(core, 'load', functools.partial(core.load, jit_kwargs=FAST))
+  monkeypatch.setattr(cli, 'WINDOW_PROGRESS_EVERY_S', 0.0)
+  rc, out, err = run_cli(capsys, f'--checkpoint={smoke_checkpoint(tmp_path)}', '--prompt=ab',
+                         '--length=60', '--stride=15', '--nfe=4', '--sampler=ancestral')
+  assert rc == 0, err
+  windows = 1 + -(-(60 - 30) // 15)                        # window 32: 30 content positions
+  assert [ln.split(' done')[0] for ln in err.splitlines() if ln.startswith('window ')] == [
+      f'window {k}/{windows}' for k in range(1, windows)]
+  assert (f'{windows} window(s) x 4 NFE, {windows * 5} network evaluations per sample (per '
+          'window 4 steps + 1 final noise-removal call') in err
 
 
 def test_cli_help_and_demo_teacher(capsys):
@@ -555,8 +645,11 @@ def test_cli_help_and_demo_teacher(capsys):
   out = capsys.readouterr().out
   assert e.value.code == 0
   for word in ('--checkpoint', '--prompt', '--prompts_file', '--out', '--show-steps',
-               '[MASK]{n}', '[MASK]{*}', '--stride', '--sampler', 'Exit status 2'):
+               '[MASK]{n}', '[MASK]{*}', '--stride', '--sampler', 'Exit status 2',
+               '--max_length'):
     assert word in out, word
+  no_help = [a.option_strings for a in cli.parser()._actions if not a.help]  # pylint: disable=protected-access
+  assert not no_help, no_help
   # `python -m didi_jax.generate` on the shipped teacher (directory form), in a fresh process.
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
              XLA_FLAGS='--xla_force_host_platform_device_count=1 '

@@ -1,6 +1,8 @@
 """What users hit at the command line: stops between and within pipeline stages, one-line errors
 for bad files and workdirs, every config value checked before any work, and the API on run
-directories (tests for `didi_jax/main.py`, `jobs.py`, `errors.py`, `artifacts.py`, `api.py`)."""
+directories, and runs that start without libtpu's failed TPU probe (tests for
+`didi_jax/main.py`, `jobs.py`, `errors.py`, `artifacts.py`, `api.py`, `__init__.py`)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import didi_jax
 from didi_jax import api, artifacts, errors, jobs
 from didi_jax.checkpoint import loader
 from didi_jax import config as config_lib
@@ -223,3 +226,34 @@ def test_rerun_after_a_kill_logs_each_step_once(tmp_path):
                                                       encoding='utf-8') if '"loss"' in line]
   assert steps == [1, 2, 3, 4]
   assert read_metrics(work)[3] != 123.0
+
+
+# ------------------------------------------------------------------------------- libtpu noise
+
+
+LIBTPU_NOISE = ('Failed to find host bounds', 'E0000', 'INVALID_ARGUMENT',
+                'Source Location Trace', 'TPU_WORKER_HOSTNAMES')
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='the lock file brings '
+                    'libtpu; without it there is no probe to silence')
+def test_cpu_runs_start_clean_with_libtpu_installed(tmp_path):
+  """The README's first command installs libtpu; on a machine without a TPU a run's stderr
+  must not open with libtpu's failed probe. (ALLOW_MULTIPLE_LIBTPU_LOAD lets the probe run even
+  while another process holds libtpu's lock file, as a fresh machine would.)"""
+  environment = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  environment.update(PYTHONPATH=ROOT, ALLOW_MULTIPLE_LIBTPU_LOAD='1',
+                     XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  out = subprocess.run([sys.executable, '-m', 'didi_jax.generate', '--checkpoint=demo',
+                        '--prompt=ROMEO:', '--length=8', '--nfe=1'], cwd=str(tmp_path),
+                       env=environment, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert not any(n in out.stderr for n in LIBTPU_NOISE), out.stderr
+  assert out.stderr.startswith('1 sample(s) in')                 # the job's own first line
+  probe = ('import didi_jax, jax, os; print(os.environ["JAX_PLATFORMS"], '
+           'jax.default_backend())')
+  out = subprocess.run([sys.executable, '-c', probe], cwd=str(tmp_path), env=environment,
+                       capture_output=True, text=True, timeout=120)
+  assert out.stdout.split() == ['cpu', 'cpu'] and not out.stderr, out.stderr
+  # What the user sets is left alone.
+  assert didi_jax.platforms_without_tpu() is None              # conftest set JAX_PLATFORMS

@@ -285,3 +285,30 @@ def _with_job(cfg, job):
   cfg = copy.deepcopy(cfg)
   cfg.job = job
   return cfg
+
+
+def test_results_md_explains_its_columns_and_names_short_rows():
+  """results.md says what `ended`, `identity` and `seconds` are, and names the rows whose
+  proteins end after a few residues (they look best by NELBO per position)."""
+  from didi_jax.evaluation import protein_sweep  # pylint: disable=import-outside-toplevel
+  from configs import protein as presets         # pylint: disable=import-outside-toplevel
+  cfg = presets.get_config('smoke')
+  base = {'precision': 'float32', 'student_forwards': 5, 'seconds': 1.5}
+  rows = [dict(base, model='teacher', sampler='ancestral', nfe=4, mean_length=60.0),
+          dict(base, model='student', sampler='rgas', nfe=4, mean_length=4.0),
+          dict(base, model='student', sampler='rgas', nfe=8, mean_length=37.0),
+          dict(base, model='student', sampler='rgas', nfe=16, mean_length=14.9)]
+  ref = {'num_reference': 64, 'num_rows': 8, 'mean_length': 60.0}
+  text = protein_sweep.markdown(rows, cfg, ref, [])
+  for phrase in ('ended = fraction of rows in which the protein ended',
+                 'identity = mean positional identity of pairs',
+                 "seconds = wall time of drawing the row's samples, compilation excluded"):
+    assert phrase in text
+  short = [ln for ln in text.splitlines() if ln.startswith('Short proteins:')]
+  assert len(short) == 1                          # below a quarter of the data's 60 residues
+  assert short[0].startswith('Short proteins: student rgas at 4 NFE, student rgas at 16 NFE '
+                             "end after 4–15 residues on average (mean len), far below the "
+                             "data's 60")
+  assert 'curve.png' in short[0]
+  assert not any(ln.startswith('Short proteins:') for ln in
+                 protein_sweep.markdown(rows[:1], cfg, ref, []).splitlines())

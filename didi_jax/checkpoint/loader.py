@@ -58,6 +58,44 @@ class Network:
     return nnx.merge(self.graphdef, self.params)
 
 
+# A directory holding none of these (and no .ckpt / .npz) but exactly one .safetensors file (e.g.
+# didi_jax/assets/demo_teacher/) names that file.
+_DIR_LAYOUT_FILES = {'model.safetensors', 'pytorch_model.bin', 'discriminator.safetensors',
+                     'model.safetensors.index.json', 'config.json'}
+
+
+def resolve(source) -> str:
+  """The one way a model is named, for every entry point (API, CLIs, configs, this loader).
+
+  * a shipped name (`config.SHIPPED_MODELS`: 'demo' is the demo teacher) -> its file;
+  * `hf:ORG/NAME` -> unchanged (downloaded when opened);
+  * a didi_jax run directory (or its checkpoints/) -> itself;
+  * a directory whose only checkpoint is one `.safetensors` file -> that file;
+  * any other existing file or directory -> its path (`~` expanded).
+  Anything else raises CheckpointError naming the forms accepted.
+  """
+  source = os.fspath(source)
+  if source in config_lib.SHIPPED_MODELS:
+    return config_lib.SHIPPED_MODELS[source]
+  if source.startswith('hf:'):
+    return source
+  path = os.path.expanduser(source)
+  if not os.path.exists(path):
+    raise CheckpointError(f'model {source!r} does not exist: {ACCEPTED}')
+  if os.path.isdir(path) and checkpoint_dir(path) is None:
+    entries = os.listdir(path)
+    lone = [n for n in entries if n.endswith('.safetensors')]
+    if len(lone) == 1 and not _DIR_LAYOUT_FILES & set(entries) and \
+        not any(n.endswith(('.ckpt', '.npz')) for n in entries):
+      return os.path.join(path, lone[0])
+  return path
+
+
+ACCEPTED = ("name a model as " + ", ".join(map(repr, config_lib.SHIPPED_MODELS)) +
+            " (shipped), a didi_jax run directory, a checkpoint file or directory, or hf:ORG/NAME "
+            "(README, 'Naming a model')")
+
+
 def checkpoint_dir(source: str) -> Optional[str]:
   """The orbax checkpoint dir of a didi_jax workdir (or the dir itself), else None."""
   source = os.path.expanduser(source)
@@ -159,12 +197,12 @@ def load(source, role: str, model_cfg=None, *, weights: str = 'ema') -> Network:
     raise ValueError(f"weights={weights!r}: use 'ema' or 'raw'")
   if isinstance(source, importer.Source):
     src, source = source, source.label
-  elif checkpoint_dir(source) is not None:
-    return _load_workdir(source, role, weights)
-  elif is_esm_source(source):
-    return _load_esm(source, role, model_cfg)
+  elif checkpoint_dir(resolve(source)) is not None:
+    return _load_workdir(resolve(source), role, weights)
+  elif is_esm_source(resolve(source)):
+    return _load_esm(resolve(source), role, model_cfg)
   else:
-    src = importer.open_source(source)
+    src = importer.open_source(resolve(source))
   if src.kind == 'ours' and src.model_cfg is not None and src.model_cfg.kind != 'dit':
     return _load_ours(src, role, _model_cfg(model_cfg or src.model_cfg), source)
   if model_cfg is None:

@@ -159,9 +159,49 @@ def markdown(rows: Sequence[dict], cfg, reference: Optional[dict], skipped: Sequ
                  'records the same way. teacher NELBO/tok: the teacher\'s Monte-Carlo MDLM bound '
                  f'(nats per position, {e.nelbo_draws} draws). Gen PPL judges do not apply to '
                  'proteins and are not loaded.')
+  lines.append('')
+  lines.append(COLUMN_NOTES)
+  short = short_rows(rows, reference)
+  if short:
+    lens = [r['mean_length'] for r in short]
+    lines.append('')
+    lines.append(
+        f'Short proteins: {", ".join(_label(r) for r in short)} end after {min(lens):.0f}–'
+        f'{max(lens):.0f} residues on average (mean len), far below '
+        + (f'the data\'s {reference["mean_length"]:.0f}' if reference else 'the data') +
+        '. A NELBO per position (EOS positions included) favours such rows, so in this table '
+        'and in curve.png they can look best by teacher NELBO: read it with the length '
+        'columns.')
   for reason in skipped:
     lines.append(f'Skipped: {reason}')
   return '\n'.join(lines) + '\n'
+
+
+COLUMN_NOTES = (
+    'Columns: comp. JS / KL = residue composition against the training reference (nats); '
+    'length KS = Kolmogorov–Smirnov statistic of the length distributions; mean len = mean '
+    'residues per protein; ended = fraction of rows in which the protein ended (an EOS within '
+    'the L positions; the others were cut at L); unique = fraction of distinct proteins; '
+    'identity = mean positional identity of pairs of generated proteins (alignment-free, over '
+    'the shorter one: 1 = identical, lower = more diverse); 3-mer rep. = 1 − distinct / all '
+    '3-mers of a protein, averaged; max homopol. = longest single-residue run of the row; '
+    'seconds = wall time of drawing the '
+    "row's samples, compilation excluded (the sweep's log line per row also counts compilation "
+    'and these metrics, so it is longer).')
+SHORT_FRACTION = 0.25      # a row whose mean length is below this share of the data's is "short"
+
+
+def short_rows(rows: Sequence[dict], reference: Optional[dict]) -> list:
+  """Rows whose proteins are much shorter than the data's (below SHORT_FRACTION of its mean
+  length), e.g. RGAS rows of a briefly distilled student that end after a few residues."""
+  if not reference or not reference.get('mean_length'):
+    return []
+  cut = SHORT_FRACTION * float(reference['mean_length'])
+  return [r for r in rows if r.get('mean_length') is not None and r['mean_length'] < cut]
+
+
+def _label(r: dict) -> str:
+  return f'{r["model"]} {r["sampler"]} at {r["nfe"]} NFE'
 
 
 def curve(rows: Sequence[dict], path: str, *, reference: Optional[dict] = None,

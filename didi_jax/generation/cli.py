@@ -35,6 +35,9 @@ sample), the cost on stderr; --out also writes JSONL records {prompt, text, ids,
 seed, cost, ...}."""
 
 
+WINDOW_PROGRESS_EVERY_S = 10.0     # a long output's progress line on stderr at most this often
+
+
 class _Parser(argparse.ArgumentParser):
   """argparse whose errors are one line (exit 2), with the fix."""
 
@@ -58,22 +61,29 @@ def parser() -> argparse.ArgumentParser:
   a('--nfe', type=int, default=16, help='sampler steps per window (the paper\'s NFE; default 16)')
   a('--sampler', default='cached', help=f'one of {", ".join(SAMPLERS)} (default cached: '
     'ancestral with the DDPM cache; rgas: reward-guided)')
-  a('--seed', type=int, default=0)
+  a('--seed', type=int, default=0, help='random seed: the same seed, prompt and settings give '
+    'the same output (default 0)')
   a('--num_samples', type=int, default=1, help='samples per prompt')
   a('--batch_size', type=int, default=None, help='rows per compiled batch (default: up to 32)')
-  a('--top_p', type=float, default=1.0)
-  a('--temperature', type=float, default=1.0)
+  a('--top_p', type=float, default=1.0, help='nucleus sampling: draw from the smallest set of '
+    'tokens holding this much probability (default 1.0 = off)')
+  a('--temperature', type=float, default=1.0, help='divides the logits before each draw: below '
+    '1 sharper, above 1 more random (default 1.0)')
   a('--precision', default='float32', help='float32 (the paper\'s regime) or float64 (turns on '
     'JAX 64-bit)')
   a('--noise_removal', default='sample', help='sample | greedy | none')
   a('--stride', type=int, default=None, help='long outputs: new tokens per window (default half '
     'a window)')
+  a('--max_length', type=int, default=core.MAX_LENGTH, help='refuse outputs longer than this '
+    f'many tokens per sample (default {core.MAX_LENGTH}; 0 = no cap): a long output costs '
+    'about length/stride windows x NFE')
   a('--network', default='auto', help='auto | teacher | student | student_ema')
   a('--tokenizer', default=None, help='gpt2 | byte (default: from the run or the vocabulary)')
   a('--compute_dtype', default='auto', help='auto (float32 on CPU) | float32 | bfloat16')
   a('--reward_words', default='', help='rgas: steer by a comma-separated word list (toward it with '
     'a positive --reward_weight, away from it with a negative one)')
-  a('--reward_weight', type=float, default=1.0)
+  a('--reward_weight', type=float, default=1.0, help='rgas: strength of --reward_words or '
+    '--classifier (negative: steer away; default 1.0)')
   a('--classifier', default='', help='rgas: steer by this classifier (a discriminator '
     'checkpoint) instead of the run\'s own discriminator')
   a('--rgas', default='', help='rgas options as k=v,k=v: h_start, h_end, num_candidates, '
@@ -87,12 +97,26 @@ def parser() -> argparse.ArgumentParser:
 
 def _read_prompts(args) -> list:
   out = list(args.prompt)
+  for n, p in enumerate(out, 1):
+    try:
+      p.encode('utf-8')
+    except UnicodeEncodeError as e:   # argv bytes that were not UTF-8 (surrogate escapes)
+      raise errors.UserError(
+          f'--prompt number {n} is not UTF-8 text (byte 0x{ord(p[e.start]) & 0xff:02x} at '
+          'character {e.start}): pass UTF-8 (set the terminal to UTF-8, or convert with '
+          'iconv -t utf-8 and use --prompts_file)'.replace('{e.start}', str(e.start))) from None
   if args.prompts_file:
     path = os.path.expanduser(args.prompts_file)
     if not os.path.isfile(path):
       raise errors.UserError(f'--prompts_file={args.prompts_file} does not exist: fix the path')
-    with open(path, encoding='utf-8') as f:
-      lines = f.read().splitlines()
+    try:
+      with open(path, encoding='utf-8') as f:
+        lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+      raise errors.UserError(
+          f'--prompts_file={args.prompts_file} is not UTF-8 text (byte 0x{e.object[e.start]:02x} '
+          f'at offset {e.start}): convert it, e.g. iconv -f latin1 -t utf-8 '
+          f'{args.prompts_file} > prompts.txt') from None
     for n, line in enumerate(lines, 1):
       if not line.strip():
         continue
@@ -155,7 +179,7 @@ def run(args) -> int:
       raise core.GenerationError('--reward_words needs a tokenizer: pass --tokenizer')
     reward = generation.words(gen.tokenizer, args.reward_words.split(','), args.reward_weight)
   elif args.classifier:
-    net = loader.load(core.resolve_source(args.classifier), 'discriminator')
+    net = loader.load(args.classifier, 'discriminator')
     net = core.disc_with_compute_dtype(net, args.compute_dtype)
     reward = generation.ClassifierReward(net, weight=args.reward_weight)
 
@@ -174,7 +198,7 @@ def run(args) -> int:
       print(f'[window {ev["window"]} {label}, {n_masked:>4} masked] {_printable(text)}',
             flush=True)
 
-  shown = {'any': False}
+  shown = {'any': False, 'window_at': 0.0}
 
   def progress(done, total, elapsed):
     if done < total or shown['any']:
@@ -184,12 +208,20 @@ def run(args) -> int:
             file=sys.stderr, flush=True)
       shown['any'] = True
 
+  def window_progress(k, windows, elapsed):
+    if k < windows and elapsed - shown['window_at'] >= WINDOW_PROGRESS_EVERY_S:
+      shown['window_at'] = elapsed
+      eta = elapsed / k * (windows - k)
+      print(f'window {k}/{windows} done ({elapsed:.0f} s, ETA {eta:.0f} s for these samples)',
+            file=sys.stderr, flush=True)
+
   t0 = time.time()
   res = gen.generate(prompt_list, length=args.length, nfe=args.nfe, sampler=args.sampler,
                      seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size,
                      top_p=args.top_p, temperature=args.temperature, precision=args.precision,
                      noise_removal=args.noise_removal, reward=reward, rgas=rgas_opts or None,
-                     stride=args.stride, on_step=on_step, progress=progress)
+                     stride=args.stride, on_step=on_step, progress=progress,
+                     on_window=window_progress, max_length=args.max_length)
   many = len(res.samples) > 1
   if not args.quiet:
     for s in res.samples:
@@ -199,9 +231,13 @@ def run(args) -> int:
   if args.out:
     _write_jsonl(args.out, res)
   c = res.cost
+  why = ''
+  if args.noise_removal != 'none':
+    why = (f' (per window {args.nfe} steps + 1 final noise-removal call, less DDPM cache hits'
+           + (', plus reward calls' if args.sampler == 'rgas' else '') + '; docs/method.md §9)')
   print(f'{len(res.samples)} sample(s) in {time.time() - t0:.1f} s: {c.get("windows")} '
         f'window(s) x {args.nfe} NFE, {c.get("network_evaluations")} network evaluations per '
-        f'sample' + (f'; wrote {args.out}' if args.out else ''), file=sys.stderr)
+        f'sample{why}' + (f'; wrote {args.out}' if args.out else ''), file=sys.stderr)
   return 0
 
 

@@ -60,8 +60,8 @@ NETWORKS = ('auto', 'teacher', 'student', 'student_ema')
 MIN_BUCKET = 64
 MAX_DEFAULT_BATCH = 32
 MAX_PROGRAMS = 64                # compiled programs kept per generator
-DEMO_TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            'assets', 'demo_teacher', 'teacher.safetensors')
+MAX_LENGTH = 4096                # default cap on output tokens per sample (max_length= lifts it)
+DEMO_TEACHER = config_lib.SHIPPED_MODELS['demo']
 _TOKENIZER_BY_VOCAB = {258: 'byte', 50258: 'gpt2'}
 
 
@@ -164,10 +164,12 @@ class Generator:
       try:
         self._disc = self._disc_loader()
       except (errors.UserError, ValueError, KeyError, FileNotFoundError) as e:
+        why = _one_line(e)          # names the source itself when the loader said which
+        if not self.source or self.source not in why:
+          why = f'{self.source or "this model"} has no trained discriminator ({why})'
         raise GenerationError(
-            f'{self.source or "this model"} has no trained discriminator ({_one_line(e)}): '
-            "sampler='rgas' needs a distillation run or a DiDi checkpoint, or a reward (reward=..., "
-            "--reward_words, --classifier); or use sampler='cached'") from None
+            f"{why}: sampler='rgas' needs a distillation run or a DiDi checkpoint, or a reward "
+            "(reward=..., --reward_words, --classifier); or use sampler='cached'") from None
       self._disc_loader = None
     if self._disc is None:
       raise GenerationError("sampler='rgas' without reward= needs the trained discriminator, "
@@ -303,8 +305,16 @@ class Generator:
                rgas: Optional[dict] = None, stride: Optional[int] = None,
                buckets: Optional[Sequence[int]] = None, frame: Optional[bool] = None,
                on_step: Optional[Callable] = None,
-               progress: Optional[Callable] = None) -> GenerationResult:
-    """Fills each prompt's masked positions; see `didi_jax.generation.generate`."""
+               progress: Optional[Callable] = None,
+               on_window: Optional[Callable] = None,
+               max_length: Optional[int] = MAX_LENGTH) -> GenerationResult:
+    """Fills each prompt's masked positions; see `didi_jax.generation.generate`.
+
+    progress(done, total, seconds) runs after each chunk of samples; on_window(window, windows,
+    seconds) after each window of a long (multi-window) output. max_length caps the output
+    tokens per sample (None or 0: no cap), so that a typo such as [MASK]{100000} is refused
+    instead of running for hours.
+    """
     t_start = time.time()
     compilations0 = self.compilations
     reward = rewards_lib.as_reward(reward)
@@ -317,6 +327,7 @@ class Generator:
     buckets = self._buckets(buckets, frame)
     prompt_list = _prompt_list(prompts)
     rows = self._rows(prompt_list, length, num_samples, frame, buckets)
+    self._check_max_length(rows, max_length, nfe, frame, buckets, stride)
     mesh = self._mesh(single_device=on_step is not None)
     div = parallel.batch_divisor(mesh)
     if batch_size is None:
@@ -353,10 +364,15 @@ class Generator:
         windows = [plan[i][1] for i in chunk]
         step = max(plan[i][2] for i in chunk)      # the one stride of this call (0: one window)
         totals = [dict() for _ in chunk]
+        ran = [0] * len(chunk)
         key_c = jax.random.fold_in(jax.random.fold_in(base, bucket), c)
         for k in range(max(windows)):
           start = k * step
-          active = [k < w for w in windows]        # rows with fewer windows are done
+          # Rows with fewer windows are done; a window the prompt fixes entirely is skipped.
+          active = [k < w and self._fills(seqs[j], lengths[j], start, bucket - 2 * frame)
+                    for j, w in enumerate(windows)]
+          if not any(active):
+            continue
           x_np, region_np = self._window(seqs, lengths, start, bucket, batch, frame, active)
           x_init = parallel.global_batch(mesh, x_np)
           region = parallel.global_batch(mesh, region_np)
@@ -376,9 +392,12 @@ class Generator:
           for j in range(len(chunk)):
             if active[j]:
               _accumulate(totals[j], window_cost)
+              ran[j] += 1
+          if on_window is not None and max(windows) > 1:
+            on_window(k + 1, max(windows), time.time() - t_start)
         for j, i in enumerate(chunk):
           outs[i] = seqs[j]
-          costs[i] = dict(totals[j], windows=windows[j], bucket=bucket,
+          costs[i] = dict(totals[j], windows=ran[j], bucket=bucket,
                           stride=(step if windows[j] > 1 else None))
         done += len(chunk)
         if progress is not None:
@@ -440,10 +459,36 @@ class Generator:
       lay = prompts_lib.layout(p, self.tokenizer, self.mask_id, p_i)
       n = int(length) if length is not None else lay.default_length(cap)
       ids = lay.resolve(n, p_i)
+      if ids.size and not np.any(ids == prompts_lib.MASKED):
+        if lay.is_prefix and length is None:
+          raise prompts_lib.PromptError(
+              f'prompt {p_i} is {n} tokens long, which fills the model\'s window of {cap} '
+              f'tokens: pass --length (length=) above {n} to continue it, or shorten the prompt')
+        raise prompts_lib.PromptError(
+            f'prompt {p_i} leaves nothing to generate: its {n} tokens are all given (length='
+            f'{n}): raise --length (length=) above {len(lay.tokens)} or add [MASK]{{n}}')
       for s in range(num_samples):
         rows.append({'prompt': p, 'prompt_index': p_i, 'sample_index': s, 'ids': ids,
                      'length': n})
     return rows
+
+  def _fills(self, seq, n: int, start: int, cap: int) -> bool:
+    """Whether window [start, start + cap) of an output of n tokens has a position to fill."""
+    return bool(np.any(seq[start:min(start + cap, n)] == prompts_lib.MASKED))
+
+  def _check_max_length(self, rows, max_length, nfe, frame, buckets, stride) -> None:
+    """Refuses outputs longer than max_length tokens (one line: the size, the cost, the flag)."""
+    if not max_length or not rows:
+      return
+    longest = max(rows, key=lambda r: r['length'])
+    n = longest['length']
+    if n <= max_length:
+      return
+    windows = self._plan(n, frame, buckets, stride)[1]
+    raise GenerationError(
+        f'prompt {longest["prompt_index"]} asks for {n} tokens, above max_length={max_length} '
+        f'({windows} window(s) x {nfe} NFE per sample): if that is meant, pass --max_length={n} '
+        '(max_length= in Python; 0 = no cap), else lower --length or the [MASK]{n} counts')
 
   def _plan(self, n: int, frame: bool, buckets, stride) -> tuple:
     """(bucket, windows, stride) of an output of n tokens."""
@@ -584,6 +629,9 @@ def _mean_cost(costs: list) -> dict:
 def _prompt_list(prompts) -> list:
   if prompts is None:
     return ['']
+  if isinstance(prompts, (bytes, bytearray)):
+    raise prompts_lib.PromptError("prompts is bytes, not text: decode it first (e.g. "
+                                  "prompts.decode('utf-8')), or pass token ids as a 1-D int array")
   if isinstance(prompts, (str, prompts_lib.Template)):
     return [prompts]
   if isinstance(prompts, np.ndarray):
@@ -598,29 +646,6 @@ def _one_line(e: Exception) -> str:
 
 
 # ------------------------------------------------------------------------------------ loading
-
-
-def resolve_source(source: str) -> str:
-  """'demo' -> the shipped demo teacher; a directory holding one lone .safetensors file (e.g.
-  didi_jax/assets/demo_teacher/) -> that file; other sources unchanged (checked to exist)."""
-  if source == 'demo':
-    return DEMO_TEACHER
-  if source.startswith('hf:'):
-    return source
-  path = os.path.expanduser(source)
-  if not os.path.exists(path):
-    raise GenerationError(f'checkpoint {source!r} does not exist: pass a didi_jax run directory, '
-                          "a checkpoint file, hf:ORG/NAME, or 'demo' (the shipped demo teacher)")
-  if os.path.isdir(path):
-    if loader.checkpoint_dir(path) is None:
-      names = os.listdir(path)
-      known = {'model.safetensors', 'pytorch_model.bin', 'discriminator.safetensors',
-               'model.safetensors.index.json'}
-      lone = [n for n in names if n.endswith('.safetensors')]
-      if not known & set(names) and not any(n.endswith(('.ckpt', '.npz')) for n in names) \
-          and len(lone) == 1:
-        return os.path.join(path, lone[0])
-  return path
 
 
 def tokenizer_for(name_or_obj, vocab_size: int):
@@ -682,7 +707,7 @@ def load(model, *, network: str = 'auto', tokenizer=None, compute_dtype: str = '
   _check(network in NETWORKS, f'network={network!r}: use one of {list(NETWORKS)} (--network)')
   disc_loader = None
   if isinstance(model, (str, os.PathLike)):
-    source = resolve_source(os.fspath(model))
+    source = loader.resolve(model)
     if loader.checkpoint_dir(source) is not None:
       cfg, mngr = loader.read_workdir_config(source)
       job = mngr.read_meta().get('job')
@@ -733,7 +758,7 @@ def _as_disc(discriminator):
   if discriminator is None:
     return None
   if isinstance(discriminator, (str, os.PathLike)):
-    return loader.load(resolve_source(os.fspath(discriminator)), 'discriminator')
+    return loader.load(discriminator, 'discriminator')
   if not isinstance(discriminator, loader.Network):
     reward = rewards_lib.ClassifierReward(discriminator)
     trees = reward.trees()

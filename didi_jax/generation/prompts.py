@@ -144,6 +144,9 @@ def layout(prompt: Any, tokenizer, mask_id: int, index: int = 0) -> Layout:
       raise PromptError(f'prompt {index} has ids {bad[:5].tolist()} outside [0, {mask_id}): use '
                         f'token ids, and -1 (or {mask_id}) for positions to fill')
     return Layout(ids, None, False)
+  elif isinstance(prompt, (bytes, bytearray)):
+    raise PromptError(f'prompt {index} is bytes, not text: decode it first (e.g. '
+                      "prompt.decode('utf-8')), or pass token ids as a 1-D int array")
   else:
     raise PromptError(f'prompt {index} is a {type(prompt).__name__}: pass text, '
                       'template(...) segments, or a 1-D array of token ids (-1 = fill)')
@@ -159,6 +162,9 @@ def layout(prompt: Any, tokenizer, mask_id: int, index: int = 0) -> Layout:
       continue
     if isinstance(s, str):
       ids = encode(tokenizer, s, mask_id, index)
+    elif int(s) == 0:
+      raise PromptError(f'prompt {index} has [MASK]{{0}}, which fills nothing: write the number '
+                        'of tokens to fill, [MASK]{n} with n >= 1, or remove it')
     else:
       ids = np.full(int(s), MASKED, np.int64)
     pieces.append(ids)
@@ -179,6 +185,12 @@ def encode(tokenizer, text: str, mask_id: int, index: int = 0) -> np.ndarray:
   if tokenizer is None:
     raise PromptError(f'prompt {index} is text but this model has no tokenizer: pass '
                       'tokenizer=... (e.g. "gpt2" or "byte") or give the prompt as token ids')
+  try:
+    text.encode('utf-8')
+  except UnicodeEncodeError as e:
+    raise PromptError(f'prompt {index} is not valid text: character {e.start} is an undecodable '
+                      f'byte ({text[e.start]!r}, e.g. input that is not UTF-8): convert the input '
+                      'to UTF-8 (iconv -t utf-8) or pass token ids') from None
   ids = np.asarray(tokenizer.encode(text), np.int64).reshape(-1)
   if ids.size and (ids.min() < 0 or ids.max() >= mask_id):
     raise PromptError(f'the tokenizer gave ids outside [0, {mask_id}) for prompt {index}: the '

@@ -54,15 +54,27 @@ def start(job: Job, mngr: Manager, abstract_sharded: Callable[[], Any], fresh: C
           iterator=None) -> tuple[Any, int]:
   """(state, first step): the latest checkpoint of `mngr` (restoring `iterator` too), else
   `fresh()` at step 0."""
-  step = mngr.latest_step()
-  if step is None:
+  mngr.remove_unfinished_saves()      # e.g. the partial step of a save that ran out of space
+  if mngr.latest_step() is None:
     return fresh(), 0
-  state, data_state, _ = mngr.restore(abstract_sharded())
+  try:                                # a damaged newest step: the newest intact one, warned
+    state, data_state, _ = mngr.restore(abstract_sharded())
+  except BaseException:
+    _close_quietly(mngr)              # no background threads left to complain at exit
+    raise
+  step = mngr.restored_step
   if iterator is not None and data_state:
     iterator.set_state(data_state)
   logging.info('%s resumed from %s %d', job.name, job.unit, step)
   print(f'resuming from {mngr.directory}/{step}', flush=True)
   return state, step
+
+
+def _close_quietly(mngr: Manager) -> None:
+  try:
+    mngr.close()
+  except Exception:  # pylint: disable=broad-except
+    pass            # the error being raised already says what went wrong
 
 
 def run(job: Job, *, workdir: str, mngr: Manager, state: Any, first: int,
@@ -118,7 +130,11 @@ def run(job: Job, *, workdir: str, mngr: Manager, state: Any, first: int,
         break
     if pending is not None:
       last = report(*pending)
+  except BaseException:
+    _close_quietly(mngr)              # the error in flight is the one to report
+    raise
+  else:
+    mngr.close()                      # a full disk in the last save is reported here
   finally:
-    mngr.close()
     stop.restore()
   return Outcome(step, step >= job.total, last, last_periodic)
