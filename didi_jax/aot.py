@@ -55,7 +55,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from didi_jax import bench  # noqa: E402
 from didi_jax import config as config_lib  # noqa: E402
-from didi_jax import distill  # noqa: E402
+from didi_jax.distill import didi as distill  # noqa: E402
 from didi_jax import errors  # noqa: E402
 from didi_jax import models  # noqa: E402
 from didi_jax import parallel  # noqa: E402
