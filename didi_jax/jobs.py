@@ -13,7 +13,7 @@ import numpy as np
 from didi_jax import ablation, samples
 from didi_jax import config as config_lib
 from didi_jax.evaluation import evaluate, judges, sweep
-from didi_jax.train import distill_loop, pretrain
+from didi_jax.train import family, pretrain
 
 # Jobs that load judges: their judge names (and the 'demo-bytes' asset) are checked up front.
 JUDGING_JOBS = ('evaluate', 'sweep', 'ablate')
@@ -65,7 +65,7 @@ def sweep_job(cfg, workdir: str) -> dict:
 
 
 def distill_job(cfg, workdir: str) -> dict:
-  return distill_loop.run(cfg, workdir)
+  return family.run(cfg, workdir)
 
 
 def _stopped(out: dict, stage: str, total: int) -> dict:
@@ -97,7 +97,7 @@ def pipeline_job(cfg, workdir: str) -> dict:
     print(f'== pipeline: distill into {workdir}', flush=True)
     out['distill'] = distill_job(cfg, workdir)
     if not out['distill'].get('complete'):
-      return _stopped(out, 'distill', cfg.distill.num_iterations)
+      return _stopped(out, 'distill', family.total_iterations(cfg))
     print('== pipeline: NFE sweep', flush=True)
     out['sweep'] = sweep_job(cfg, workdir)
   return out
