@@ -6,7 +6,8 @@ r"""Ahead-of-time check of a job on a TPU topology, from any machine: does it fi
   python -m didi_jax.aot --config=configs/demo.py:smoke --topology=local --measure
 
 The job's REAL step is built by the code the run uses (`pretrain.Trainer.train_step`,
-`distill_loop.Distiller.step` around `distill.make_distill_step`, `sampling.runner`'s sample
+`distill_loop.Distiller.step` around `distill.make_distill_step` (with distill.method='sdtt',
+`sdtt_loop.SdttDistiller.step`), `sampling.runner`'s sample
 function for ancestral / RGAS) with the same mesh (`parallel.make_mesh`), shardings, donation and
 dtypes, then lowered with abstract inputs only (`jax.ShapeDtypeStruct`s carrying their shardings;
 parameters from `nnx.eval_shape`: nothing the size of the model is allocated) and compiled for
@@ -63,13 +64,23 @@ from didi_jax.checkpoint import loader  # noqa: E402
 from didi_jax.models.discriminator import Spectral  # noqa: E402
 from didi_jax.sampling import cost as cost_lib  # noqa: E402
 from didi_jax.sampling import runner  # noqa: E402
+from didi_jax.distill import sdtt  # noqa: E402
 from didi_jax.train import distill_loop  # noqa: E402
+from didi_jax.train import family  # noqa: E402
 from didi_jax.train import pretrain  # noqa: E402
 
 GiB = 1024 ** 3
 JOBS = ('pretrain', 'distill', 'sample')
 BATCH_KEYS = {'pretrain': 'pretrain.batch_size', 'distill': 'distill.batch_size',
               'sample': 'sample.batch_size'}
+SDTT_BATCH_KEY = 'distill.sdtt.batch_size'
+
+
+def batch_key(cfg, job: str) -> str:
+  """The config key of the job's global batch (SDTT has its own)."""
+  if job == 'distill' and family.method(cfg) == 'sdtt':
+    return SDTT_BATCH_KEY
+  return BATCH_KEYS[job]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,9 +280,25 @@ def _random_teacher(cfg):
   return loader.Network('teacher', cfg.model, nnx.graphdef(model), nnx.state(model, nnx.Param))
 
 
+def build_sdtt(cfg, runner) -> Program:
+  """SDTT's iteration (the round's teacher is inside the state)."""
+  B, L = int(cfg.distill.sdtt.batch_size), int(cfg.model.length)
+  state = runner.abstract_sharded()
+  args = (state, _sds((B, L), jnp.int32, parallel.batch_sharding(runner.mesh)),
+          _key_sds(runner.mesh))
+
+  def make():
+    return (runner.fresh_state(), parallel.global_batch(runner.mesh, _random_ids(cfg, B)),
+            runner.run_key)
+  return Program('distill', runner.step, args, runner.mesh, B, B * L,
+                 'the distillation state (argument 0)', _nbytes(state),
+                 make if runner.teacher_params is not None else None)
+
+
 def build_distill(cfg, devices, concrete: bool = False) -> Program:
-  runner = distill_loop.Distiller(cfg, _random_teacher(cfg) if concrete else None,
-                                      devices=devices)
+  runner = family.runner(cfg, _random_teacher(cfg) if concrete else None, devices=devices)
+  if family.method(cfg) == 'sdtt':
+    return build_sdtt(cfg, runner)
   B, L, G = int(cfg.distill.batch_size), int(cfg.model.length), int(cfg.distill.group_size)
   state = runner.abstract_sharded()
   teacher = _with_shardings(distill_loop.abstract_teacher_params(cfg), runner.teacher_sh)
@@ -381,7 +408,7 @@ def _pow2_divisors(n: int):
 def verdict(cfg, program: Program, mem: dict, hbm: Optional[int], refused: bool = False) -> dict:
   """Fits or not; the largest global batch by linear scaling of temporaries; the one-line fix."""
   job = program.job
-  key = BATCH_KEYS[job]
+  key = batch_key(cfg, job)
   div = parallel.batch_divisor(program.mesh)
   rows = program.global_batch // div
   out = {'batch_key': key, 'batch_divisor': div, 'rows_per_device': rows}
@@ -436,6 +463,8 @@ def model_flops_per_step(cfg, job: str, batch: int) -> float:
   m = cfg.model
   if job == 'pretrain':
     return batch * int(m.length) * bench.train_flops_per_token(m)
+  if job == 'distill' and family.method(cfg) == 'sdtt':
+    return sdtt.flops_per_iteration(m, batch)
   if job == 'distill':
     d = cfg.distill
     return bench.distill_flops(m, batch, int(d.group_size), int(d.disc_unfreeze_blocks),
@@ -515,14 +544,16 @@ def confirm_batch(cfg, job: str, target: Target, first: int, tries: int = 3):
   while refused, at the estimate from that refusal (at most 0.9 x the last); the first batch that
   compiles, with its total bytes per device, or (None, None). Under memory pressure the compiler
   rematerialises, so a refusal's temporaries understate the cost per row: hence the check."""
-  key = BATCH_KEYS[job]
-  section, field = key.split('.')
+  *sections, field = batch_key(cfg, job).split('.')
   batch = first
   for _ in range(tries):
     if batch < 1:
       break
     trial = copy.deepcopy(cfg)
-    trial[section][field] = batch
+    node = trial
+    for section in sections:
+      node = node[section]
+    node[field] = batch
     program = BUILDERS[job](trial, target.devices)
     compiled, _, _, oom = compile_program(program)
     if oom is None:

@@ -13,7 +13,7 @@ import ml_collections
 
 from didi_jax import errors
 
-JOBS = ('pretrain', 'distill', 'sample', 'evaluate', 'sweep', 'pipeline', 'ablate')
+JOBS = ('pretrain', 'distill', 'sample', 'evaluate', 'sweep', 'pipeline', 'ablate', 'compare')
 
 # name: (hidden, blocks, heads, mlp, cond)   -- docs/method.md §3.1
 MODEL_SIZES = {
@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   """All knobs with the paper's OWT defaults (docs/method.md §1-§10)."""
   cfg = ml_collections.ConfigDict()
   cfg.job = 'pretrain'            # one of JOBS: pretrain | distill | sample | evaluate | sweep |
-                                  # pipeline | ablate
+                                  # pipeline | ablate | compare
   cfg.seed = 1                    # run seed: keys of every step derive from it (official: 1)
   cfg.model = model_config('small')
 
@@ -300,6 +300,13 @@ def base_config() -> ml_collections.ConfigDict:
                                   # every row and stop (evaluate later with stage='all')
   ))
 
+  cfg.compare = ml_collections.ConfigDict(dict(   # the compare job (didi_jax/compare.py)
+      budget='flops',             # SDTT's compute against DiDi's: 'flops' (equal training model
+                                  # FLOPs, didi_jax.bench counts) | 'iterations' (DiDi's
+                                  # num_iterations) | 'config' (distill.sdtt as given)
+      rgas=True,                  # also sweep DiDi's student with RGAS (its discriminator)
+  ))
+
   cfg.logging = ml_collections.ConfigDict(dict(
       tensorboard=False,          # also write TensorBoard events (needs tensorboardX)
   ))
@@ -334,6 +341,7 @@ _CHOICES = {
     'sampler.noise_removal': ('sample', 'greedy', 'none'),
     'sampler.rgas.rerank_reward': ('sum_all', 'sum_masked', 'mean_masked'),
     'ablation.stage': ('all', 'distill'),
+    'compare.budget': ('flops', 'iterations', 'config'),
 }
 
 

@@ -25,6 +25,7 @@ from flax import struct
 from didi_jax import diffusion, models
 from didi_jax.distill import common as dcommon
 from didi_jax.sampling import categorical
+from didi_jax.sampling import cost as cost_lib
 from didi_jax.train import common
 from didi_jax.train import distill_state as ds
 
@@ -70,6 +71,12 @@ def teacher_times(t_B: Array, delta, t_min: float):
     tau = jnp.maximum(t_B - i * delta, t_min)
     out.append((tau, jnp.maximum(tau - delta, 0.0)))
   return tuple(out)
+
+
+def flops_per_iteration(model_cfg, batch: int) -> float:
+  """Model FLOPs of one iteration: two teacher forwards and the student's forward and backward
+  (≈ 2 forwards) on `batch` rows, i.e. 5 forwards a row (the count of `didi_jax.bench`)."""
+  return 5.0 * batch * cost_lib.student_forward_flops(model_cfg)
 
 
 # ============================================================================ target and loss
