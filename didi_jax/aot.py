@@ -261,18 +261,23 @@ def _random_ids(cfg, batch: int) -> np.ndarray:
   return np.random.RandomState(0).randint(0, high, (batch, int(cfg.model.length))).astype(np.int32)
 
 
-def build_pretrain(cfg, devices, concrete: bool = False) -> Program:
-  trainer = pretrain.Trainer(cfg, '', devices=devices)
-  B, L = int(cfg.pretrain.batch_size), int(cfg.model.length)
-  state = trainer.abstract_state_sharded()
-  args = (state, _sds((B, L), jnp.int32, parallel.batch_sharding(trainer.mesh)),
-          _key_sds(trainer.mesh))
+def _batch_program(cfg, job: str, step, mesh, state, fresh, run_key, batch: int, what: str,
+                   concrete: bool) -> Program:
+  """A step(state, ids_BxL, key) program (pretraining's and SDTT's)."""
+  B, L = batch, int(cfg.model.length)
+  args = (state, _sds((B, L), jnp.int32, parallel.batch_sharding(mesh)), _key_sds(mesh))
 
   def make():
-    return (trainer.fresh_state(), parallel.global_batch(trainer.mesh, _random_ids(cfg, B)),
-            trainer.run_key)
-  return Program('pretrain', trainer.train_step, args, trainer.mesh, B, B * L,
-                 'the train state (argument 0)', _nbytes(state), make if concrete else None)
+    return (fresh(), parallel.global_batch(mesh, _random_ids(cfg, B)), run_key)
+  return Program(job, step, args, mesh, B, B * L, what, _nbytes(state),
+                 make if concrete else None)
+
+
+def build_pretrain(cfg, devices, concrete: bool = False) -> Program:
+  trainer = pretrain.Trainer(cfg, '', devices=devices)
+  return _batch_program(cfg, 'pretrain', trainer.train_step, trainer.mesh,
+                        trainer.abstract_state_sharded(), trainer.fresh_state, trainer.run_key,
+                        int(cfg.pretrain.batch_size), 'the train state (argument 0)', concrete)
 
 
 def _random_teacher(cfg):
@@ -280,25 +285,12 @@ def _random_teacher(cfg):
   return loader.Network('teacher', cfg.model, nnx.graphdef(model), nnx.state(model, nnx.Param))
 
 
-def build_sdtt(cfg, runner) -> Program:
-  """SDTT's iteration (the round's teacher is inside the state)."""
-  B, L = int(cfg.distill.sdtt.batch_size), int(cfg.model.length)
-  state = runner.abstract_sharded()
-  args = (state, _sds((B, L), jnp.int32, parallel.batch_sharding(runner.mesh)),
-          _key_sds(runner.mesh))
-
-  def make():
-    return (runner.fresh_state(), parallel.global_batch(runner.mesh, _random_ids(cfg, B)),
-            runner.run_key)
-  return Program('distill', runner.step, args, runner.mesh, B, B * L,
-                 'the distillation state (argument 0)', _nbytes(state),
-                 make if runner.teacher_params is not None else None)
-
-
 def build_distill(cfg, devices, concrete: bool = False) -> Program:
   runner = family.runner(cfg, _random_teacher(cfg) if concrete else None, devices=devices)
-  if family.method(cfg) == 'sdtt':
-    return build_sdtt(cfg, runner)
+  if family.method(cfg) == 'sdtt':             # the round's teacher is inside the state
+    return _batch_program(cfg, 'distill', runner.step, runner.mesh, runner.abstract_sharded(),
+                          runner.fresh_state, runner.run_key, int(cfg.distill.sdtt.batch_size),
+                          'the distillation state (argument 0)', concrete)
   B, L, G = int(cfg.distill.batch_size), int(cfg.model.length), int(cfg.distill.group_size)
   state = runner.abstract_sharded()
   teacher = _with_shardings(distill_loop.abstract_teacher_params(cfg), runner.teacher_sh)
@@ -625,7 +617,7 @@ def analyse(cfg, job: str, target: Target, *, measure: bool = False, config_name
       'cost': {'flops_per_device': flops, 'bytes_accessed_per_device': bytes_accessed,
                'model_flops_per_step': model_flops,
                'estimate_flops_per_device': est_flops, 'estimate_bytes_per_device': est_bytes,
-               'loop_note': LOOP_NOTES[job]},
+               'loop_note': '' if batch_key(cfg, job) == SDTT_BATCH_KEY else LOOP_NOTES[job]},
       'roofline': roofline(est_flops, est_bytes, program.tokens_per_step, chip),
       'lower_seconds': lower_s, 'compile_seconds': compile_s,
       'measured_peak_bytes': None, 'measured': False,

@@ -4,11 +4,14 @@ r"""didi_jax command line.
 
 Jobs (`--config.job=...`):
   pretrain  train an MDLM teacher (or, with model.kind=ar, the autoregressive baseline)
-  distill   DiDi-Instruct: distil the teacher (teacher.checkpoint) into a few-step student
+  distill   distil the teacher (teacher.checkpoint) into a few-step student: DiDi-Instruct, or
+            SDTT with distill.method=sdtt
   sample    draw samples from a checkpoint (teacher / student / student EMA) into WORKDIR/samples
   evaluate  Gen PPL + entropy of a samples file, or of fresh samples from a checkpoint
   sweep     NFE x sampler x model grid -> WORKDIR/sweep/{results.json, results.md, curve.png}
   pipeline  the configs' end-to-end run (e.g. demo: distill -> sweep)
+  ablate    one distillation per ablation row, then their sweep (docs/ablation.md)
+  compare   DiDi-Instruct and SDTT from one teacher with matched compute, then one sweep
 
 Configs (presets after ':'):
   configs/demo.py            the embedded default: shipped Shakespeare teacher -> distill -> sweep
@@ -17,6 +20,8 @@ Configs (presets after ':'):
   configs/demo.py:gpu        GPT-2 BPE Shakespeare, the small DiT at L=256, for one GPU
   configs/owt.py             the paper: distil the OWT teacher (teacher.checkpoint) at L=1024
   configs/owt.py:teacher     the paper's teacher recipe (MDLM on OpenWebText)
+  configs/owt.py:sdtt        the SDTT recipe on the OWT teacher
+  configs/demo.py:compare    DiDi-Instruct against SDTT on the shipped demo teacher
 """
 from __future__ import annotations
 

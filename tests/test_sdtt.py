@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 import didi_jax
+from didi_jax import errors
 from didi_jax import main as cli
 from didi_jax.checkpoint import loader
 from didi_jax.checkpoint.manager import Manager
@@ -98,7 +99,7 @@ def test_divergences_direction_and_values():
 
 @pytest.fixture(scope='module')
 def iteration():
-  cfg = sdtt_cfg(t_min=1e-3)                 # the default divergence: reverse KL
+  cfg = sdtt_cfg(t_min=0.02)                 # the default divergence: reverse KL
   teacher = randomised(nnx.state(DiT(cfg.model, rngs=nnx.Rngs(0)), nnx.Param),
                        jax.random.key(100), 0.3)
   state = sdtt.init_state(cfg, teacher)
@@ -241,3 +242,5 @@ def test_run_stopped_mid_round_resumes_exactly_and_hands_off(tmp_path, monkeypat
   raw = loader.load(part, 'student')
   for a, b in zip(jax.tree.leaves(raw.params), jax.tree.leaves(end1.student)):
     np.testing.assert_array_equal(a, b)
+  with pytest.raises(errors.CheckpointError, match='SDTT run: it trains no discriminator'):
+    loader.load(part, 'discriminator')
