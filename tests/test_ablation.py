@@ -431,15 +431,16 @@ def test_compare_end_to_end_stop_in_sdtt_and_resume(teacher_dir, ar_judges, monk
                                                     tmp_path):
   root, teacher = teacher_dir
   cfg = ablate_cfg(root, teacher, ar_judges)
-  over = {'job': 'compare', 'compare.budget': 'iterations', 'distill.sdtt.rounds': 2,
-          'distill.sdtt.teacher_steps': 8, 'distill.sdtt.batch_size': 2,
-          'distill.sdtt.warmup_steps': 1}
+  # DiDi: 3 iterations; SDTT: 'iterations' budget over 2 rounds -> 2 x 2 = 4 iterations.
+  over = {'job': 'compare', 'compare.budget': 'iterations', 'distill.num_iterations': 3,
+          'distill.sdtt.rounds': 2, 'distill.sdtt.teacher_steps': 8,
+          'distill.sdtt.batch_size': 2, 'distill.sdtt.warmup_steps': 1}
   for k, v in over.items():
     ablation._set(cfg, k, v)                                # pylint: disable=protected-access
   work = str(tmp_path / 'c')
-  monkeypatch.setattr(common, 'StopFlag', stop_in_flag(2, 1))   # in SDTT's first round
+  monkeypatch.setattr(common, 'StopFlag', stop_in_flag(2, 3))   # in SDTT's second round
   out = cli.run_job(cfg, work)
-  assert out['stopped'] == 'sdtt' and out['step'] == 1 and out['distilled'] == [
+  assert out['stopped'] == 'sdtt' and out['step'] == 3 and out['distilled'] == [
       ('didi', 1), ('sdtt', 1)]
   monkeypatch.setattr(common, 'StopFlag', stop_in_flag(0, 1))
   out = cli.run_job(cfg, work)

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 import didi_jax
+from didi_jax import config as config_lib
 from didi_jax import errors
 from didi_jax import main as cli
 from didi_jax.checkpoint import loader
@@ -64,6 +65,22 @@ def test_time_grid_and_round_schedule():
   np.testing.assert_allclose(s0, [0.25, 0.05, 0.0, 0.75], rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(tau1, [0.25, 0.05, 1e-5, 0.75], rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(s1, [0.0, 0.0, 0.0, 0.5], rtol=1e-6, atol=1e-7)
+
+
+def test_sdtt_settings_are_checked_in_one_line():
+  def cfg_with(**over):
+    cfg = config_lib.base_config()
+    cfg.distill.method = 'sdtt'
+    set_dotted(cfg.distill.sdtt, over)
+    return cfg
+  config_lib.validate(cfg_with())                          # the defaults: the paper's recipe
+  with pytest.raises(errors.ConfigError, match='teacher_steps=12 must be divisible by 2.rounds=8'):
+    config_lib.validate(cfg_with(rounds=3, teacher_steps=12))  # 12 cannot halve three times
+  for key, value, fragment in (('divergence', 'kl', 'is not valid'), ('lr', -1.0, '>= 0'),
+                               ('ema_decay', 1.5, r'in \[0, 1\]'),
+                               ('batch_size', 0, 'positive')):
+    with pytest.raises(errors.ConfigError, match=f'distill.sdtt.{key}=.*{fragment}'):
+      config_lib.validate(cfg_with(**{key: value}))
 
 
 def _subs_like(rng, shape):
