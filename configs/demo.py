@@ -166,10 +166,10 @@ def get_config(preset: str = ''):
     # warm-up and EMA are scaled to the short CPU run as DiDi's are (paper: 6e-5, 500, 0.9999
     # over 10k iterations per round on 169M). Then 64 samples per cell at NFE 8 and 16 (teacher
     # also 32, 64), judged by SmolLM2 and the byte judge. Not run to completion yet. Timed on 2
-    # shared CPU cores (load ~11, 2026-12-06, /tmp script building each method's jitted step on
-    # the shipped teacher): one SDTT iteration 2.5 s, one DiDi iteration 9.5 s, so 1113 SDTT
-    # iterations ~46 min against DiDi's 300 ~48 min (equal FLOPs ~ equal wall-clock here), plus
-    # 10 sweep cells (~1.6 min each in the demo ablation): about 1.5-2 h in all.
+    # shared CPU cores (load ~11, 2026-12-06; each method's jitted step on the shipped teacher,
+    # median after compilation): one SDTT iteration 2.5 s, one DiDi iteration 9.5 s, so 1113
+    # SDTT iterations ~46 min against DiDi's 300 ~48 min (equal FLOPs ~ equal wall-clock here),
+    # plus 10 sweep cells (~1.6 min each in the demo ablation): about 1.5-2 h in all.
     cfg.job = 'compare'
     cfg.distill.sample_every = 0         # no periodic samples: the sweep measures each row
     cfg.distill.sdtt.teacher_steps = 64

@@ -587,22 +587,34 @@ def distill_all(cfg, planned: Sequence[tuple], job: str) -> dict:
   return {'distilled': distilled, 'reused_runs': reused_runs}
 
 
+def teacher_cells(cfg) -> list:
+  """The ablation's teacher cells: ancestral at every sweep.teacher_nfes and precision (none when
+  sweep.models leaves the teacher out)."""
+  if 'teacher' not in config_lib.parse_list(cfg.sweep.models, 'sweep.models'):
+    return []
+  precisions = config_lib.parse_list(cfg.sweep.precisions, 'sweep.precisions',
+                                     config_lib.PRECISIONS)
+  return [sweep.Cell('teacher', 'ancestral', n, p)
+          for n in config_lib.parse_nfes(cfg.sweep.teacher_nfes, 'sweep.teacher_nfes')
+          for p in precisions]
+
+
 def evaluate_all(cfg, planned: Sequence[tuple], cells: 'Cells', out_dir: str,
-                 judge_names: Sequence[str]):
-  """Stage 2: the teacher's cells (once for every row), then each row's student cells at its
-  sampler. Returns (teacher results, row results, the sweep rows of every cell, each labelled
-  with its model: 'teacher' or the row's name)."""
+                 judge_names: Sequence[str], teacher: Optional[Sequence] = None):
+  """Stage 2: the teacher's cells (`teacher`, default `teacher_cells(cfg)`; once for every
+  row), then each row's student cells at its sampler. Returns (teacher results, row results,
+  the sweep rows of every cell, each labelled with its model: 'teacher' or the row's name)."""
   precisions = config_lib.parse_list(cfg.sweep.precisions, 'sweep.precisions',
                                      config_lib.PRECISIONS)
   teacher_results, results, sweep_rows = [], [], []
-  if 'teacher' in config_lib.parse_list(cfg.sweep.models, 'sweep.models'):
+  teacher = teacher_cells(cfg) if teacher is None else teacher
+  if teacher:
     tmodels = sweep.Models(cfg, out_dir)
     tmodels.resolve('teacher')
-    for n in config_lib.parse_nfes(cfg.sweep.teacher_nfes, 'sweep.teacher_nfes'):
-      for p in precisions:
-        r = cells.get(cfg, out_dir, sweep.Cell('teacher', 'ancestral', n, p), tmodels, 'teacher')
-        teacher_results.append(_result('teacher', int(cfg.seed), r, judge_names))
-        sweep_rows.append(r)
+    for cell in teacher:
+      r = cells.get(cfg, out_dir, cell, tmodels, 'teacher')
+      teacher_results.append(_result('teacher', int(cfg.seed), r, judge_names))
+      sweep_rows.append(r)
   for row, s, rcfg, wd, label in planned:
     with rcfg.unlocked():
       rcfg.sample.checkpoint = wd

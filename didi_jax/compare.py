@@ -12,13 +12,15 @@ and reward forward; SDTT: two teacher forwards and the student's forward and bac
 It is the ablation's machinery with three fixed rows (didi_jax/ablation.py): every distillation
 is an ordinary resumable workdir WORKDIR/compare/rows/<row>/seed<S>/ (DiDi's ancestral and RGAS
 rows share one run), all distillations run before any cell is judged, cells are reused by
-settings (WORKDIR/compare/cells.json), and a killed job resumes where it stopped. The table is
-the sweep's own (`sweep.markdown` over every cell, the teacher's and each row's, the row name as
-the model), so columns the sweep gains appear here too. Outputs: WORKDIR/compare/{table.md,
+settings (WORKDIR/compare/cells.json), and a killed job resumes where it stopped. The teacher's
+cells are the sweep's own plan for the teacher (`sweep.plan`), and the table is the sweep's own
+(`sweep.markdown` over every cell, the teacher's and each row's, the row name as the model), so
+teacher rows and columns the sweep gains appear here too. Outputs: WORKDIR/compare/{table.md,
 table.json, curve.png}.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -85,6 +87,17 @@ def check(cfg) -> list[ablation.Row]:
   return out
 
 
+def teacher_cells(cfg, out_dir: str) -> list:
+  """The teacher's cells as the sweep plans them (`sweep.plan` with the teacher alone), so every
+  teacher row the sweep computes, at every NFE, sampler and precision, is in the table."""
+  if 'teacher' not in config_lib.parse_list(cfg.sweep.models, 'sweep.models'):
+    return []
+  tcfg = copy.deepcopy(cfg)
+  with tcfg.unlocked():
+    tcfg.sweep.models = 'teacher'
+  return sweep.plan(tcfg, sweep.Models(tcfg, out_dir))[0]   # (teacher × rgas is skipped)
+
+
 def header(cfg, planned) -> list[str]:
   """What was compared and with how much compute, above the sweep's table."""
   lines = [f'# DiDi-Instruct against SDTT, teacher {cfg.teacher.checkpoint}', '',
@@ -115,7 +128,8 @@ def run(cfg, workdir: str) -> dict:
     done.pop('note')
     return done
   cells = ablation.Cells(cfg, out_dir)
-  _, _, rows_ = ablation.evaluate_all(cfg, planned, cells, out_dir, judge_names)
+  _, _, rows_ = ablation.evaluate_all(cfg, planned, cells, out_dir, judge_names,
+                                      teacher_cells(cfg, out_dir))
   judge, extra = cells.judges()
   e = cfg.eval
   references = {n: sweep.data_reference(cfg, n, judge, extra)

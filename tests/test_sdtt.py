@@ -8,7 +8,9 @@ it, and the one loader on the run directory.
 """
 from __future__ import annotations
 
+import copy
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,7 @@ import didi_jax
 from didi_jax import config as config_lib
 from didi_jax import errors
 from didi_jax import main as cli
+from didi_jax import parallel
 from didi_jax.checkpoint import loader
 from didi_jax.checkpoint.manager import Manager
 from didi_jax.distill import sdtt
@@ -200,6 +203,22 @@ def test_hand_off_teacher_is_the_raw_student_bit_for_bit(iteration):
   for a, b in zip(jax.tree.leaves(handed.opt_student), jax.tree.leaves(fresh)):
     np.testing.assert_array_equal(a, b)
   assert int(handed.step) == int(new.step)
+
+
+def test_sharded_step_equals_the_single_device_step(iteration):
+  """The loop's jitted step on a (data=2, fsdp=2) mesh of fake CPU devices, with its
+  shardings and donation, gives the single-device iteration's numbers."""
+  cfg, old, x, run_key, new, metrics, _ = iteration
+  cfg = copy.deepcopy(cfg)
+  cfg.mesh.data, cfg.mesh.fsdp = 2, 2
+  runner = sdtt_loop.SdttDistiller(cfg, types.SimpleNamespace(params=old.teacher),
+                                   devices=jax.devices()[:4])
+  state = jax.device_put(old, runner.state_sh)
+  got, got_metrics = runner.step(state, parallel.global_batch(runner.mesh, x), run_key)
+  for k in ('loss', 'grad_norm', 'revealed_frac', 'delta'):
+    np.testing.assert_allclose(got_metrics[k], metrics[k], rtol=1e-5, err_msg=k)
+  for a, b in zip(jax.tree.leaves(jax.device_get(got)), jax.tree.leaves(new)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------- the run

@@ -1,5 +1,5 @@
-"""What the distillation methods share: probability-0 handling and the KL between two SUBS
-distributions given as log-probs (docs/method.md §7.2, §14.2)."""
+"""What the distillation methods share: probability-0 handling, the KL between two SUBS
+distributions given as log-probs (docs/method.md §7.2, §14.2), fresh copies of parameter trees."""
 from __future__ import annotations
 
 import jax
@@ -23,3 +23,8 @@ def kl_per_position(logp_p: Array, logp_q: Array) -> Array:
   lp = jnp.where(ok, logp_p, 0.0)
   lq = jnp.where(ok, logp_q, 0.0)
   return jnp.sum(jnp.where(ok, jnp.exp(lp) * (lp - lq), 0.0), axis=-1)
+
+
+def copy_tree(tree):
+  """Fresh buffers of every leaf (a donated state must never alias another tree)."""
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)

@@ -156,10 +156,10 @@ def graphdef(cfg: ml_collections.ConfigDict) -> nnx.GraphDef:
 
 def init_state(cfg: ml_collections.ConfigDict, teacher_params: nnx.State) -> SdttState:
   """Round 0: student, EMA and teacher are copies of the given teacher; a fresh optimiser."""
-  student = ds._copy(teacher_params)  # pylint: disable=protected-access
+  student = dcommon.copy_tree(teacher_params)
   return SdttState(step=jnp.zeros((), jnp.int32), student=student,
-                   ema=ds._copy(teacher_params),  # pylint: disable=protected-access
-                   teacher=ds._copy(teacher_params),  # pylint: disable=protected-access
+                   ema=dcommon.copy_tree(teacher_params),
+                   teacher=dcommon.copy_tree(teacher_params),
                    opt_student=make_optimizer(cfg).init(student))
 
 
@@ -172,8 +172,8 @@ def abstract_state(cfg: ml_collections.ConfigDict) -> SdttState:
 def hand_off(cfg: ml_collections.ConfigDict, state: SdttState) -> SdttState:
   """Between rounds: the teacher becomes the student's RAW weights (bit for bit), the optimiser
   starts afresh (warm-up again); the EMA and the iteration count carry on."""
-  teacher = jax.tree.map(lambda x: jnp.array(x, copy=True), state.student)
-  return state.replace(teacher=teacher, opt_student=make_optimizer(cfg).init(state.student))
+  return state.replace(teacher=dcommon.copy_tree(state.student),
+                       opt_student=make_optimizer(cfg).init(state.student))
 
 
 # ============================================================================ the iteration
