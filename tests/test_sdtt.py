@@ -217,8 +217,10 @@ def test_sharded_step_equals_the_single_device_step(iteration):
   got, got_metrics = runner.step(state, parallel.global_batch(runner.mesh, x), run_key)
   for k in ('loss', 'grad_norm', 'revealed_frac', 'delta'):
     np.testing.assert_allclose(got_metrics[k], metrics[k], rtol=1e-5, err_msg=k)
+  # Parameters to 0.1% of an AdamW step (lr 1e-2): Adam's g/(|g|+ε) amplifies the float32
+  # reduction-order differences of tiny gradients.
   for a, b in zip(jax.tree.leaves(jax.device_get(got)), jax.tree.leaves(new)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3 * cfg.distill.sdtt.lr)
 
 
 # ------------------------------------------------------------------------------- the run
