@@ -16,6 +16,9 @@ Presets:
            teacher (--config.job=pretrain) then run the pipeline with teacher.checkpoint set.
   ablate   the ablation table (docs/ablation.md) on the shipped teacher, 2 CPU cores, ~2 hours:
              python -m didi_jax.main --config=configs/demo.py:ablate --workdir=runs/demo_ablate
+  compare  DiDi-Instruct against SDTT (docs/method.md §14) from the shipped teacher with equal
+           training FLOPs, then one sweep (teacher, both students, DiDi + RGAS), one table:
+             python -m didi_jax.main --config=configs/demo.py:compare --workdir=runs/demo_compare
 """
 import os
 
@@ -156,6 +159,30 @@ def get_config(preset: str = ''):
     cfg.sweep.teacher_nfes = '8,16,64'
     cfg.ablation.rows = 'chain,loo'
     cfg.ablation.seeds = 1
+  elif preset == 'compare':
+    # DiDi as the demo distils it (300 iterations, B=4 x G=4); SDTT over rounds 64 -> 32 -> 16
+    # -> 8 teacher steps (the student ends at 8), with as many training FLOPs as DiDi
+    # (compare.budget='flops': SDTT_ITERATIONS in total, split over the rounds). SDTT's rate,
+    # warm-up and EMA are scaled to the short CPU run as DiDi's are (paper: 6e-5, 500, 0.9999
+    # over 10k iterations per round on 169M). Then 64 samples per cell at NFE 8 and 16 (teacher
+    # also 32, 64), judged by SmolLM2 and the byte judge. Not run to completion yet. Timed on 2
+    # shared CPU cores (load ~11, 2026-12-06; each method's jitted step on the shipped teacher,
+    # median after compilation): one SDTT iteration 2.5 s, one DiDi iteration 9.5 s, so 1113
+    # SDTT iterations ~46 min against DiDi's 300 ~48 min (equal FLOPs ~ equal wall-clock here),
+    # plus 10 sweep cells (~1.6 min each in the demo ablation): about 1.5-2 h in all.
+    cfg.job = 'compare'
+    cfg.distill.sample_every = 0         # no periodic samples: the sweep measures each row
+    cfg.distill.sdtt.teacher_steps = 64
+    cfg.distill.sdtt.rounds = 3
+    cfg.distill.sdtt.batch_size = 8
+    cfg.distill.sdtt.lr = 1e-4
+    cfg.distill.sdtt.warmup_steps = 20
+    cfg.distill.sdtt.ema_decay = 0.99
+    cfg.compare.budget = 'flops'
+    cfg.compare.rgas = True
+    cfg.checkpoint.every = 50
+    cfg.sweep.nfes = '8,16'
+    cfg.sweep.teacher_nfes = '8,16,32,64'
   elif preset == 'gpu':
     cfg.eval.extra_judges = ''           # BPE samples: the byte judge's 256 bytes cover too little
     _shakespeare(cfg, tokenizer='gpt2')
@@ -183,5 +210,5 @@ def get_config(preset: str = ''):
     cfg.sweep.teacher_nfes = '8,16,32,64,128,256'
   elif preset:
     raise ValueError(f'unknown preset {preset!r} for configs/demo.py: use one of '
-                     "'', 'teacher', 'judge', 'smoke', 'gpu', 'ablate'")
+                     "'', 'teacher', 'judge', 'smoke', 'gpu', 'ablate', 'compare'")
   return cfg

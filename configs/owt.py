@@ -15,6 +15,12 @@ Presets:
            (~1 H100-hour per distillation; 11 distinct distillations):
              python -m didi_jax.main --config=configs/owt.py:ablate --workdir=runs/owt_ablate \
                  --config.teacher.checkpoint=hf:kuleshov-group/mdlm-owt
+  sdtt     the SDTT recipe (docs/method.md §14) on the same teacher, for GPUs/TPUs: 7 rounds of
+           10k iterations, 1024 -> 8 steps, 128 rows of 1024 tokens, AdamW 6e-5 (wd 0, 500
+           warm-up steps then constant, clip 1.0), EMA 0.9999 kept across rounds, reverse KL,
+           σ input zero; then the ancestral sweep of the student at 8..128 NFE (not run here):
+             python -m didi_jax.main --config=configs/owt.py:sdtt --workdir=runs/owt_sdtt \
+                 --config.teacher.checkpoint=hf:kuleshov-group/mdlm-owt
 """
 from didi_jax.config import base_config
 
@@ -41,7 +47,18 @@ def get_config(preset: str = ''):
     cfg.sweep.teacher_nfes = '8,16,32,64,128,1024'
     cfg.ablation.rows = 'chain,loo'                 # τ per group is off here (the paper's 'row')
     cfg.ablation.seeds = 1
+  elif preset == 'sdtt':
+    cfg.distill.method = 'sdtt'
+    s = cfg.distill.sdtt                            # the paper's recipe (the defaults), spelled out
+    s.rounds, s.round_iterations, s.teacher_steps = 7, 10_000, 1024
+    s.batch_size, s.divergence = 128, 'reverse_kl'
+    s.lr, s.warmup_steps, s.clip_norm, s.weight_decay, s.ema_decay = 6e-5, 500, 1.0, 0.0, 0.9999
+    cfg.checkpoint.every = 1000
+    cfg.distill.sample_every = 1000
+    cfg.sampler.kind = 'ancestral'                  # SDTT trains no discriminator
+    cfg.sweep.samplers = 'ancestral'
+    cfg.sweep.nfes = '8,16,32,64,128'
   elif preset:
-    raise ValueError(f"unknown preset {preset!r} for configs/owt.py: use '', 'teacher' or "
-                     "'ablate'")
+    raise ValueError(f"unknown preset {preset!r} for configs/owt.py: use '', 'teacher', "
+                     "'ablate' or 'sdtt'")
   return cfg

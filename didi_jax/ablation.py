@@ -37,7 +37,7 @@ import numpy as np
 from didi_jax import artifacts, errors, parallel, samples
 from didi_jax import config as config_lib
 from didi_jax.evaluation import judges, plots, sweep
-from didi_jax.train import distill_loop
+from didi_jax.train import family
 
 ABLATION_DIR, ROWS_DIR = 'ablation', 'rows'
 CELLS, TABLE_MD, TABLE_JSON, PLOT, ROW_MARKER = ('cells.json', 'table.md', 'table.json',
@@ -245,7 +245,7 @@ def row_config(cfg, row: Row, seed_index: int = 0):
 
 # Sections and fields that do not change the distilled networks (sampler.kind is what separates
 # full from with_regularisation; the rest of `sampler` feeds the periodic in-training samples).
-_NOT_TRAINING = ('job', 'sample', 'eval', 'sweep', 'ablation', 'logging')
+_NOT_TRAINING = ('job', 'sample', 'eval', 'sweep', 'ablation', 'compare', 'logging')
 
 
 def training_key(rcfg) -> dict:
@@ -483,7 +483,7 @@ def _result(row_name, seed, row_dict, judge_names) -> dict:
           'source': row_dict.get('source'), 'source_step': row_dict.get('source_step')}
 
 
-class _Cells:
+class Cells:
   """The sweep cells of the ablation (cells.json), computed once and reused by settings."""
 
   def __init__(self, cfg, out_dir: str):
@@ -528,75 +528,105 @@ def run(cfg, workdir: str) -> dict:
   rows = check(cfg)
   out_dir = os.path.join(workdir, ABLATION_DIR)
   os.makedirs(out_dir, exist_ok=True)
-  runs = plan_runs(cfg, rows, out_dir)
   judge_names = [cfg.eval.judge] + judges.extra_judge_names(cfg.eval)
-  nfes = config_lib.parse_nfes(cfg.sweep.nfes, 'sweep.nfes')
-  precisions = config_lib.parse_list(cfg.sweep.precisions, 'sweep.precisions',
-                                     config_lib.PRECISIONS)
-  cells = _Cells(cfg, out_dir)
+  cells = Cells(cfg, out_dir)
+  planned = plan(cfg, rows, out_dir)
+  done = distill_all(cfg, planned, 'ablate')
+  if done.get('stopped'):
+    paths = _write_outputs(cfg, out_dir, rows, [], [], judge_names, cells, [done.pop('note')])
+    return {**done, **paths}
+  if cfg.ablation.stage == 'distill':
+    print(f'ablate: {len(done["distilled"])} distilled, {len(done["reused_runs"])} reused; '
+          'stage=distill stops here: run the command again without '
+          '--config.ablation.stage=distill to evaluate.', flush=True)
+    return {'stage': 'distill', **done, 'cells_computed': 0, 'cells_reused': 0}
+  teacher_results, results, _ = evaluate_all(cfg, planned, cells, out_dir, judge_names)
+  summary = _write_outputs(cfg, out_dir, rows, results, teacher_results, judge_names, cells, [])
+  print(f'ablate: {len(rows)} rows × {len(seeds(cfg))} seeds ({len(done["distilled"])} '
+        f'distilled, {len(done["reused_runs"])} reused; cells {cells.computed} computed, '
+        f'{cells.reused} reused) -> {out_dir}', flush=True)
+  return {'rows': [r.name for r in rows], **done, 'cells_computed': cells.computed,
+          'cells_reused': cells.reused, **summary}
 
-  # (row, seed, its distill config, its workdir, its progress label) in the order of the table.
+
+def plan(cfg, rows: Sequence[Row], out_dir: str) -> list[tuple]:
+  """(row, seed, its distill config, its workdir, its progress label) in the order of the
+  table, one per row and run seed."""
+  runs = plan_runs(cfg, rows, out_dir)
   pairs = [(row, k, s) for row in rows for k, s in enumerate(seeds(cfg))]
-  planned = [(row, s, row_config(cfg, row, k), runs[(row.name, s)],
-              f'[{i}/{len(pairs)}] {row.name} seed {s}') for i, (row, k, s) in enumerate(pairs, 1)]
+  return [(row, s, row_config(cfg, row, k), runs[(row.name, s)],
+           f'[{i}/{len(pairs)}] {row.name} seed {s}') for i, (row, k, s) in enumerate(pairs, 1)]
 
-  # Stage 1: every row's distillation (no judge is loaded while the networks train).
+
+def distill_all(cfg, planned: Sequence[tuple], job: str) -> dict:
+  """Stage 1: every planned distillation, in order (no judge is loaded while networks train);
+  each method's run through `train.family`. A stopped run ends the stage: the summary then has
+  'stopped', 'seed', 'step' and a 'note' for the table."""
   distilled, reused_runs = [], []
   for row, s, rcfg, wd, label in planned:
     os.makedirs(wd, exist_ok=True)
     _write_marker(wd, row, s, training_key(rcfg))
+    total = family.total_iterations(rcfg)
     step = _latest_step(wd)
-    if step is not None and step >= rcfg.distill.num_iterations:
-      print(f'ablate {label}: distillation in {wd} is complete (iteration {step}), reused',
+    if step is not None and step >= total:
+      print(f'{job} {label}: distillation in {wd} is complete (iteration {step}), reused',
             flush=True)
       reused_runs.append((row.name, s))
       continue
-    print(f'ablate {label}: distilling into {wd}'
+    print(f'{job} {label}: distilling ({family.method(rcfg)}) into {wd}'
           + (f' (resuming at iteration {step})' if step else ''), flush=True)
-    out = distill_loop.run(rcfg, wd)
+    out = family.run(rcfg, wd)
     distilled.append((row.name, s))
     if not out.get('complete'):
-      print(f'ablate: {row.name} seed {s} stopped at iteration {out.get("step")} of '
-            f'{rcfg.distill.num_iterations}; run the same command again to resume.', flush=True)
-      paths = _write_outputs(cfg, out_dir, rows, [], [], judge_names, cells,
-                             [f'stopped in row {row.name} (seed {s}) at iteration '
-                              f'{out.get("step")}: no row is evaluated until every '
-                              'distillation is complete'])
-      return {'stopped': row.name, 'seed': s, 'step': out.get('step'),
-              'distilled': distilled, 'reused_runs': reused_runs, **paths}
-  if cfg.ablation.stage == 'distill':
-    print(f'ablate: {len(distilled)} distilled, {len(reused_runs)} reused; stage=distill stops '
-          'here: run the command again without --config.ablation.stage=distill to evaluate.',
-          flush=True)
-    return {'stage': 'distill', 'distilled': distilled, 'reused_runs': reused_runs,
-            'cells_computed': 0, 'cells_reused': 0}
+      print(f'{job}: {row.name} seed {s} stopped at iteration {out.get("step")} of {total}; run '
+            'the same command again to resume.', flush=True)
+      return {'stopped': row.name, 'seed': s, 'step': out.get('step'), 'distilled': distilled,
+              'reused_runs': reused_runs,
+              'note': f'stopped in row {row.name} (seed {s}) at iteration {out.get("step")}: no '
+                      'row is evaluated until every distillation is complete'}
+  return {'distilled': distilled, 'reused_runs': reused_runs}
 
-  # Stage 2: the teacher's cells (once for every row), then each row's student cells.
-  teacher_results = []
-  if 'teacher' in config_lib.parse_list(cfg.sweep.models, 'sweep.models'):
+
+def teacher_cells(cfg) -> list:
+  """The ablation's teacher cells: ancestral at every sweep.teacher_nfes and precision (none when
+  sweep.models leaves the teacher out)."""
+  if 'teacher' not in config_lib.parse_list(cfg.sweep.models, 'sweep.models'):
+    return []
+  precisions = config_lib.parse_list(cfg.sweep.precisions, 'sweep.precisions',
+                                     config_lib.PRECISIONS)
+  return [sweep.Cell('teacher', 'ancestral', n, p)
+          for n in config_lib.parse_nfes(cfg.sweep.teacher_nfes, 'sweep.teacher_nfes')
+          for p in precisions]
+
+
+def evaluate_all(cfg, planned: Sequence[tuple], cells: 'Cells', out_dir: str,
+                 judge_names: Sequence[str], teacher: Optional[Sequence] = None):
+  """Stage 2: the teacher's cells (`teacher`, default `teacher_cells(cfg)`; once for every
+  row), then each row's student cells at its sampler. Returns (teacher results, row results,
+  the sweep rows of every cell, each labelled with its model: 'teacher' or the row's name)."""
+  precisions = config_lib.parse_list(cfg.sweep.precisions, 'sweep.precisions',
+                                     config_lib.PRECISIONS)
+  teacher_results, results, sweep_rows = [], [], []
+  teacher = teacher_cells(cfg) if teacher is None else teacher
+  if teacher:
     tmodels = sweep.Models(cfg, out_dir)
     tmodels.resolve('teacher')
-    for n in config_lib.parse_nfes(cfg.sweep.teacher_nfes, 'sweep.teacher_nfes'):
-      for p in precisions:
-        r = cells.get(cfg, out_dir, sweep.Cell('teacher', 'ancestral', n, p), tmodels, 'teacher')
-        teacher_results.append(_result('teacher', int(cfg.seed), r, judge_names))
-  results = []
+    for cell in teacher:
+      r = cells.get(cfg, out_dir, cell, tmodels, 'teacher')
+      teacher_results.append(_result('teacher', int(cfg.seed), r, judge_names))
+      sweep_rows.append(r)
   for row, s, rcfg, wd, label in planned:
     with rcfg.unlocked():
       rcfg.sample.checkpoint = wd
     models = sweep.Models(rcfg, wd)
     models.resolve('student')
     sampler = row_sampler(rcfg)
-    for n in nfes:
+    for n in config_lib.parse_nfes(cfg.sweep.nfes, 'sweep.nfes'):
       for p in precisions:
         r = cells.get(rcfg, wd, sweep.Cell('student', sampler, n, p), models, label)
         results.append(_result(row.name, s, r, judge_names))
-  summary = _write_outputs(cfg, out_dir, rows, results, teacher_results, judge_names, cells, [])
-  print(f'ablate: {len(rows)} rows × {len(seeds(cfg))} seeds ({len(distilled)} distilled, '
-        f'{len(reused_runs)} reused; cells {cells.computed} computed, {cells.reused} reused) '
-        f'-> {out_dir}', flush=True)
-  return {'rows': [r.name for r in rows], 'distilled': distilled, 'reused_runs': reused_runs,
-          'cells_computed': cells.computed, 'cells_reused': cells.reused, **summary}
+        sweep_rows.append({**r, 'model': row.name})
+  return teacher_results, results, sweep_rows
 
 
 def _write_outputs(cfg, out_dir, rows, results, teacher_results, judge_names, cells, notes):

@@ -6,7 +6,8 @@ r"""Ahead-of-time check of a job on a TPU topology, from any machine: does it fi
   python -m didi_jax.aot --config=configs/demo.py:smoke --topology=local --measure
 
 The job's REAL step is built by the code the run uses (`pretrain.Trainer.train_step`,
-`distill_loop.Distiller.step` around `distill.make_distill_step`, `sampling.runner`'s sample
+`distill_loop.Distiller.step` around `distill.make_distill_step` (with distill.method='sdtt',
+`sdtt_loop.SdttDistiller.step`), `sampling.runner`'s sample
 function for ancestral / RGAS) with the same mesh (`parallel.make_mesh`), shardings, donation and
 dtypes, then lowered with abstract inputs only (`jax.ShapeDtypeStruct`s carrying their shardings;
 parameters from `nnx.eval_shape`: nothing the size of the model is allocated) and compiled for
@@ -55,7 +56,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from didi_jax import bench  # noqa: E402
 from didi_jax import config as config_lib  # noqa: E402
-from didi_jax import distill  # noqa: E402
+from didi_jax.distill import didi as distill  # noqa: E402
 from didi_jax import errors  # noqa: E402
 from didi_jax import models  # noqa: E402
 from didi_jax import parallel  # noqa: E402
@@ -63,13 +64,23 @@ from didi_jax.checkpoint import loader  # noqa: E402
 from didi_jax.models.discriminator import Spectral  # noqa: E402
 from didi_jax.sampling import cost as cost_lib  # noqa: E402
 from didi_jax.sampling import runner  # noqa: E402
+from didi_jax.distill import sdtt  # noqa: E402
 from didi_jax.train import distill_loop  # noqa: E402
+from didi_jax.train import family  # noqa: E402
 from didi_jax.train import pretrain  # noqa: E402
 
 GiB = 1024 ** 3
 JOBS = ('pretrain', 'distill', 'sample')
 BATCH_KEYS = {'pretrain': 'pretrain.batch_size', 'distill': 'distill.batch_size',
               'sample': 'sample.batch_size'}
+SDTT_BATCH_KEY = 'distill.sdtt.batch_size'
+
+
+def batch_key(cfg, job: str) -> str:
+  """The config key of the job's global batch (SDTT has its own)."""
+  if job == 'distill' and family.method(cfg) == 'sdtt':
+    return SDTT_BATCH_KEY
+  return BATCH_KEYS[job]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,18 +261,23 @@ def _random_ids(cfg, batch: int) -> np.ndarray:
   return np.random.RandomState(0).randint(0, high, (batch, int(cfg.model.length))).astype(np.int32)
 
 
-def build_pretrain(cfg, devices, concrete: bool = False) -> Program:
-  trainer = pretrain.Trainer(cfg, '', devices=devices)
-  B, L = int(cfg.pretrain.batch_size), int(cfg.model.length)
-  state = trainer.abstract_state_sharded()
-  args = (state, _sds((B, L), jnp.int32, parallel.batch_sharding(trainer.mesh)),
-          _key_sds(trainer.mesh))
+def _batch_program(cfg, job: str, step, mesh, state, fresh, run_key, batch: int, what: str,
+                   concrete: bool) -> Program:
+  """A step(state, ids_BxL, key) program (pretraining's and SDTT's)."""
+  B, L = batch, int(cfg.model.length)
+  args = (state, _sds((B, L), jnp.int32, parallel.batch_sharding(mesh)), _key_sds(mesh))
 
   def make():
-    return (trainer.fresh_state(), parallel.global_batch(trainer.mesh, _random_ids(cfg, B)),
-            trainer.run_key)
-  return Program('pretrain', trainer.train_step, args, trainer.mesh, B, B * L,
-                 'the train state (argument 0)', _nbytes(state), make if concrete else None)
+    return (fresh(), parallel.global_batch(mesh, _random_ids(cfg, B)), run_key)
+  return Program(job, step, args, mesh, B, B * L, what, _nbytes(state),
+                 make if concrete else None)
+
+
+def build_pretrain(cfg, devices, concrete: bool = False) -> Program:
+  trainer = pretrain.Trainer(cfg, '', devices=devices)
+  return _batch_program(cfg, 'pretrain', trainer.train_step, trainer.mesh,
+                        trainer.abstract_state_sharded(), trainer.fresh_state, trainer.run_key,
+                        int(cfg.pretrain.batch_size), 'the train state (argument 0)', concrete)
 
 
 def _random_teacher(cfg):
@@ -270,8 +286,11 @@ def _random_teacher(cfg):
 
 
 def build_distill(cfg, devices, concrete: bool = False) -> Program:
-  runner = distill_loop.Distiller(cfg, _random_teacher(cfg) if concrete else None,
-                                      devices=devices)
+  runner = family.runner(cfg, _random_teacher(cfg) if concrete else None, devices=devices)
+  if family.method(cfg) == 'sdtt':             # the round's teacher is inside the state
+    return _batch_program(cfg, 'distill', runner.step, runner.mesh, runner.abstract_sharded(),
+                          runner.fresh_state, runner.run_key, int(cfg.distill.sdtt.batch_size),
+                          'the distillation state (argument 0)', concrete)
   B, L, G = int(cfg.distill.batch_size), int(cfg.model.length), int(cfg.distill.group_size)
   state = runner.abstract_sharded()
   teacher = _with_shardings(distill_loop.abstract_teacher_params(cfg), runner.teacher_sh)
@@ -381,7 +400,7 @@ def _pow2_divisors(n: int):
 def verdict(cfg, program: Program, mem: dict, hbm: Optional[int], refused: bool = False) -> dict:
   """Fits or not; the largest global batch by linear scaling of temporaries; the one-line fix."""
   job = program.job
-  key = BATCH_KEYS[job]
+  key = batch_key(cfg, job)
   div = parallel.batch_divisor(program.mesh)
   rows = program.global_batch // div
   out = {'batch_key': key, 'batch_divisor': div, 'rows_per_device': rows}
@@ -436,6 +455,8 @@ def model_flops_per_step(cfg, job: str, batch: int) -> float:
   m = cfg.model
   if job == 'pretrain':
     return batch * int(m.length) * bench.train_flops_per_token(m)
+  if job == 'distill' and family.method(cfg) == 'sdtt':
+    return sdtt.flops_per_iteration(m, batch)
   if job == 'distill':
     d = cfg.distill
     return bench.distill_flops(m, batch, int(d.group_size), int(d.disc_unfreeze_blocks),
@@ -515,14 +536,16 @@ def confirm_batch(cfg, job: str, target: Target, first: int, tries: int = 3):
   while refused, at the estimate from that refusal (at most 0.9 x the last); the first batch that
   compiles, with its total bytes per device, or (None, None). Under memory pressure the compiler
   rematerialises, so a refusal's temporaries understate the cost per row: hence the check."""
-  key = BATCH_KEYS[job]
-  section, field = key.split('.')
+  *sections, field = batch_key(cfg, job).split('.')
   batch = first
   for _ in range(tries):
     if batch < 1:
       break
     trial = copy.deepcopy(cfg)
-    trial[section][field] = batch
+    node = trial
+    for section in sections:
+      node = node[section]
+    node[field] = batch
     program = BUILDERS[job](trial, target.devices)
     compiled, _, _, oom = compile_program(program)
     if oom is None:
@@ -594,7 +617,7 @@ def analyse(cfg, job: str, target: Target, *, measure: bool = False, config_name
       'cost': {'flops_per_device': flops, 'bytes_accessed_per_device': bytes_accessed,
                'model_flops_per_step': model_flops,
                'estimate_flops_per_device': est_flops, 'estimate_bytes_per_device': est_bytes,
-               'loop_note': LOOP_NOTES[job]},
+               'loop_note': '' if batch_key(cfg, job) == SDTT_BATCH_KEY else LOOP_NOTES[job]},
       'roofline': roofline(est_flops, est_bytes, program.tokens_per_step, chip),
       'lower_seconds': lower_s, 'compile_seconds': compile_s,
       'measured_peak_bytes': None, 'measured': False,

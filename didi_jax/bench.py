@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 from didi_jax import config as config_lib
-from didi_jax import distill
+from didi_jax.distill import didi as distill
 from didi_jax import models
 from didi_jax import parallel
 from didi_jax.checkpoint import loader

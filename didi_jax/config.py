@@ -13,7 +13,7 @@ import ml_collections
 
 from didi_jax import errors
 
-JOBS = ('pretrain', 'distill', 'sample', 'evaluate', 'sweep', 'pipeline', 'ablate')
+JOBS = ('pretrain', 'distill', 'sample', 'evaluate', 'sweep', 'pipeline', 'ablate', 'compare')
 # Models shipped with the package, by the short name every model source accepts
 # (didi_jax.checkpoint.loader.resolve): 'demo' is the byte-level Shakespeare demo teacher.
 SHIPPED_MODELS = {'demo': os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets',
@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   """All knobs with the paper's OWT defaults (docs/method.md §1-§10)."""
   cfg = ml_collections.ConfigDict()
   cfg.job = 'pretrain'            # one of JOBS: pretrain | distill | sample | evaluate | sweep |
-                                  # pipeline | ablate
+                                  # pipeline | ablate | compare
   cfg.seed = 1                    # run seed: keys of every step derive from it (official: 1)
   cfg.model = model_config('small')
 
@@ -140,6 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   cfg.distill = ml_collections.ConfigDict(dict(
+      method='didi',              # 'didi' (DiDi-Instruct, docs/method.md §6-§7) | 'sdtt' (self-
+                                  # distillation through time, §14): its settings are in
+                                  # distill.sdtt; of the fields below it uses only dropout,
+                                  # log_every, sample_every and sample_count
       num_iterations=10_000,      # DiDi-Instruct iterations (paper: 10,000, ~1 H100-hour)
       batch_size=8,               # data rows B per iteration (docs/method.md D8: 8)
       group_size=4,               # G student samples per data row; N = B·G rows (D8: 4)
@@ -203,6 +207,21 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=10,               # iterations between metrics rows / progress lines
       sample_every=500,           # small 8/16-NFE sample with judge-free statistics (0: never)
       sample_count=8,             # sequences drawn by that periodic sample
+      sdtt=ml_collections.ConfigDict(dict(   # distill.method='sdtt' (docs/method.md §14)
+          rounds=7,               # rounds; each halves the student's steps (paper: 7)
+          round_iterations=10_000,  # iterations per round, one resumable stage (paper: 10k)
+          teacher_steps=1024,     # round 0's teacher steps N_0 (Δ = 1/N_0); round r's teacher
+                                  # takes N_0/2^r, its student N_0/2^(r+1) (paper: 1024 -> 8)
+          batch_size=128,         # data rows per iteration (paper: 128)
+          divergence='reverse_kl',  # 'reverse_kl' KL(student‖target) (paper's best) |
+                                  # 'forward_kl' | 'mse' (of log-probs) | 'tvd' (½·L1 of probs)
+          t_min=1e-5,             # t antithetic in [t_min, 1]; teacher times floor (paper 1e-5)
+          lr=6e-5,                # AdamW rate after warm-up, constant (paper: 6e-5)
+          warmup_steps=500,       # linear warm-up at the start of every round (paper: 500)
+          clip_norm=1.0,          # global gradient-norm clip (paper: 1.0)
+          b1=0.9, b2=0.999, eps=1e-8,   # AdamW moments and epsilon (PyTorch defaults)
+          weight_decay=0.0,       # AdamW weight decay (paper: 0)
+          ema_decay=0.9999)),     # student EMA, never reset across rounds (paper: 0.9999)
   ))
 
   cfg.sampler = ml_collections.ConfigDict(dict(
@@ -303,6 +322,13 @@ def base_config() -> ml_collections.ConfigDict:
                                   # every row and stop (evaluate later with stage='all')
   ))
 
+  cfg.compare = ml_collections.ConfigDict(dict(   # the compare job (didi_jax/compare.py)
+      budget='flops',             # SDTT's compute against DiDi's: 'flops' (equal training model
+                                  # FLOPs, didi_jax.bench counts) | 'iterations' (DiDi's
+                                  # num_iterations) | 'config' (distill.sdtt as given)
+      rgas=True,                  # also sweep DiDi's student with RGAS (its discriminator)
+  ))
+
   cfg.logging = ml_collections.ConfigDict(dict(
       tensorboard=False,          # also write TensorBoard events (needs tensorboardX)
   ))
@@ -319,6 +345,8 @@ _CHOICES = {
     'data.layout': ('eos', 'pad'),
     'data.long_records': ('crop', 'skip'),
     'teacher.weights': ('ema', 'raw'),
+    'distill.method': ('didi', 'sdtt'),
+    'distill.sdtt.divergence': ('reverse_kl', 'forward_kl', 'mse', 'tvd'),
     'distill.real_source': ('data', 'teacher_samples'),
     'distill.init': ('teacher', 'checkpoint'),
     'distill.teacher_sigma': ('zero', 'true'),
@@ -336,6 +364,7 @@ _CHOICES = {
     'sampler.rgas.rerank_reward': ('sum_all', 'sum_masked', 'mean_masked'),
     'eval.mauve_feature': ('last', 'mean'),
     'ablation.stage': ('all', 'distill'),
+    'compare.budget': ('flops', 'iterations', 'config'),
 }
 
 
@@ -439,6 +468,19 @@ _RANGES = {
     'distill.log_every': (_positive, 'a positive number of iterations'),
     'distill.sample_every': (_non_negative, '>= 0 (0 = never)'),
     'distill.sample_count': (_positive, 'a positive number of samples'),
+    'distill.sdtt.rounds': (_positive, 'a positive number of rounds'),
+    'distill.sdtt.round_iterations': (_positive, 'a positive number of iterations'),
+    'distill.sdtt.teacher_steps': (_positive, 'a positive number of teacher steps'),
+    'distill.sdtt.batch_size': (_positive, 'a positive number of data rows'),
+    'distill.sdtt.t_min': (_unit_open, 'in (0, 1)'),
+    'distill.sdtt.lr': (_non_negative, '>= 0'),
+    'distill.sdtt.warmup_steps': (_non_negative, '>= 0'),
+    'distill.sdtt.clip_norm': (_positive, 'positive'),
+    'distill.sdtt.b1': (_unit_open_right, 'in [0, 1)'),
+    'distill.sdtt.b2': (_unit_open_right, 'in [0, 1)'),
+    'distill.sdtt.eps': (_positive, 'positive'),
+    'distill.sdtt.weight_decay': (_non_negative, '>= 0'),
+    'distill.sdtt.ema_decay': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
     'sampler.steps': (_positive, '>= 1'),
     'sampler.top_p': (lambda v: 0 < v <= 1, 'in (0, 1]'),
     'sampler.temperature': (_positive, 'positive'),
@@ -675,6 +717,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError('distill.init=checkpoint needs --config.distill.init_checkpoint=PATH')
   if d.omega.max < d.omega.min:
     raise ConfigError(f'distill.omega.max={d.omega.max} is below omega.min={d.omega.min}')
+  sd = d.sdtt
+  if sd.teacher_steps % (2 ** sd.rounds):
+    raise ConfigError(f'distill.sdtt.teacher_steps={sd.teacher_steps} must be divisible by '
+                      f'2^rounds={2 ** sd.rounds} (each round halves the steps): e.g. '
+                      f'{2 ** sd.rounds * max(1, sd.teacher_steps // 2 ** sd.rounds)}')
   if d.teacher_buffer.refresh_count > d.teacher_buffer.size:
     raise ConfigError('distill.teacher_buffer.refresh_count must be <= teacher_buffer.size')
   if cfg.job != 'pretrain' and s.precision == 'float64' and not jax.config.jax_enable_x64:

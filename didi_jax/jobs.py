@@ -1,4 +1,5 @@
-"""The table of jobs: pretrain, distill, sample, evaluate, sweep, the end-to-end pipeline, ablate.
+"""The table of jobs: pretrain, distill, sample, evaluate, sweep, the end-to-end pipeline, ablate,
+compare.
 
 Each job takes (config, workdir) and returns a summary dict; `didi_jax.main` dispatches through
 `JOBS` and nothing else.
@@ -10,20 +11,20 @@ import os
 
 import numpy as np
 
-from didi_jax import ablation, samples
+from didi_jax import ablation, compare, samples
 from didi_jax import config as config_lib
 from didi_jax.evaluation import evaluate, judges, metrics, sweep
-from didi_jax.train import distill_loop, pretrain
+from didi_jax.train import family, pretrain
 
 # Jobs that load judges: their judge names (and the 'demo-bytes' asset) are checked up front.
-JUDGING_JOBS = ('evaluate', 'sweep', 'ablate')
+JUDGING_JOBS = ('evaluate', 'sweep', 'ablate', 'compare')
 
 
 def check(cfg) -> None:
   """Everything checked before any work: the config's own values (`config.validate`), then
   what the jobs' modules know (each judge resolves; the ablation's rows). ConfigError, one line."""
   config_lib.validate(cfg)
-  if config_lib.is_protein(cfg) and cfg.job in ('evaluate', 'ablate'):
+  if config_lib.is_protein(cfg) and cfg.job in ('evaluate', 'ablate', 'compare'):
     raise config_lib.ConfigError(f'job={cfg.job} judges text: for proteins run --config.job=sweep '
                                  '(the protein metrics per model and NFE)')
   if cfg.job in JUDGING_JOBS and not config_lib.is_protein(cfg):
@@ -34,6 +35,8 @@ def check(cfg) -> None:
     metrics.require_mauve()                  # the optional package, named with its pip command
   if cfg.job == 'ablate':
     ablation.check(cfg)
+  if cfg.job == 'compare':
+    compare.check(cfg)
 
 
 def sample_job(cfg, workdir: str) -> dict:
@@ -67,7 +70,7 @@ def sweep_job(cfg, workdir: str) -> dict:
 
 
 def distill_job(cfg, workdir: str) -> dict:
-  return distill_loop.run(cfg, workdir)
+  return family.run(cfg, workdir)
 
 
 def _stopped(out: dict, stage: str, total: int) -> dict:
@@ -99,7 +102,7 @@ def pipeline_job(cfg, workdir: str) -> dict:
     print(f'== pipeline: distill into {workdir}', flush=True)
     out['distill'] = distill_job(cfg, workdir)
     if not out['distill'].get('complete'):
-      return _stopped(out, 'distill', cfg.distill.num_iterations)
+      return _stopped(out, 'distill', family.total_iterations(cfg))
     print('== pipeline: NFE sweep', flush=True)
     out['sweep'] = sweep_job(cfg, workdir)
   return out
@@ -113,4 +116,5 @@ JOBS = {
     'sweep': sweep_job,
     'pipeline': pipeline_job,
     'ablate': ablation.run,
+    'compare': compare.run,
 }

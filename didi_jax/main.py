@@ -35,7 +35,8 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 # One line per job of `jobs.JOBS` (the help lists the table's jobs in its order).
 JOB_HELP = {
     'pretrain': 'train an MDLM teacher (or, with model.kind=ar, the autoregressive baseline)',
-    'distill': 'DiDi-Instruct: distil the teacher (teacher.checkpoint) into a few-step student',
+    'distill': 'distil the teacher (teacher.checkpoint) into a few-step student: DiDi-Instruct, '
+               'or SDTT with distill.method=sdtt',
     'sample': 'draw samples from a checkpoint (teacher / student / student EMA) into '
               'WORKDIR/samples',
     'evaluate': 'Gen PPL + entropy of a samples file, or of fresh samples from a checkpoint',
@@ -43,6 +44,7 @@ JOB_HELP = {
     'pipeline': "the configs' end-to-end run (pretrain if no teacher) -> distill -> sweep",
     'ablate': 'the ablation table: one distillation per row, then each row swept and judged '
               '(docs/ablation.md)',
+    'compare': 'DiDi-Instruct and SDTT from one teacher with matched compute, then one sweep',
 }
 _PRESET_ENTRY = re.compile(r'^  (\(none\)|\w+)\s{2,}(\S.*)$')
 

@@ -14,12 +14,14 @@ import pytest
 from flax import nnx
 
 from configs import demo, owt
-from didi_jax import ablation, errors, jobs, models
+from didi_jax import ablation, compare, errors, jobs, models
 from didi_jax import config as config_lib
 from didi_jax import main as cli
 from didi_jax.checkpoint import exporter
 from didi_jax.checkpoint.manager import Manager
+from didi_jax.distill import sdtt
 from didi_jax.evaluation import judges
+from didi_jax.sampling import cost as cost_lib
 from didi_jax.train import common, pretrain
 from tests.test_cli import read_metrics, smoke_cfg
 from tests.test_main import stop_in_flag
@@ -400,3 +402,65 @@ def test_ablation_end_to_end_stop_and_resume(teacher_dir, ar_judges, monkeypatch
   cfg.distill.kl.beta = 0.25
   with pytest.raises(errors.ConfigError, match='other settings.*kl.beta'):
     cli.run_job(cfg, work_b)
+
+
+# ------------------------------------------------------------------------------- compare job
+
+
+def test_compare_budget_matches_didis_training_flops():
+  cfg = demo.get_config('compare')
+  s = cfg.distill.sdtt
+  per_sdtt = sdtt.flops_per_iteration(cfg.model, s.batch_size)
+  # 5 forwards a row: two teacher forwards, the student's forward and its backward (2 forwards).
+  assert per_sdtt == 5 * s.batch_size * cost_lib.student_forward_flops(cfg.model)
+  r_it = compare.sdtt_round_iterations(cfg)
+  total = compare.didi_flops(cfg)
+  assert r_it * s.rounds * per_sdtt >= total > (r_it - 1) * s.rounds * per_sdtt
+  cfg.compare.budget = 'iterations'
+  assert compare.sdtt_round_iterations(cfg) == -(-cfg.distill.num_iterations // s.rounds)
+  cfg.compare.budget = 'config'
+  assert compare.sdtt_round_iterations(cfg) == s.round_iterations
+  rows = {r.name: ablation.row_config(cfg, r) for r in compare.rows(cfg)}
+  assert list(rows) == ['didi', 'didi_rgas', 'sdtt']
+  assert [rows[n].sampler.kind for n in rows] == ['ancestral', 'rgas', 'ancestral']
+  assert [rows[n].distill.method for n in rows] == ['didi', 'didi', 'sdtt']
+  assert ablation.training_key(rows['didi']) == ablation.training_key(rows['didi_rgas'])
+
+
+def test_compare_end_to_end_stop_in_sdtt_and_resume(teacher_dir, ar_judges, monkeypatch,
+                                                    tmp_path):
+  root, teacher = teacher_dir
+  cfg = ablate_cfg(root, teacher, ar_judges)
+  # DiDi: 3 iterations; SDTT: 'iterations' budget over 2 rounds -> 2 x 2 = 4 iterations.
+  over = {'job': 'compare', 'compare.budget': 'iterations', 'distill.num_iterations': 3,
+          'distill.sdtt.rounds': 2, 'distill.sdtt.teacher_steps': 8,
+          'distill.sdtt.batch_size': 2, 'distill.sdtt.warmup_steps': 1}
+  for k, v in over.items():
+    ablation._set(cfg, k, v)                                # pylint: disable=protected-access
+  work = str(tmp_path / 'c')
+  monkeypatch.setattr(common, 'StopFlag', stop_in_flag(2, 3))   # in SDTT's second round
+  out = cli.run_job(cfg, work)
+  assert out['stopped'] == 'sdtt' and out['step'] == 3 and out['distilled'] == [
+      ('didi', 1), ('sdtt', 1)]
+  monkeypatch.setattr(common, 'StopFlag', stop_in_flag(0, 1))
+  out = cli.run_job(cfg, work)
+  assert out['distilled'] == [('sdtt', 1)] and out['reused_runs'] == [('didi', 1),
+                                                                     ('didi_rgas', 1)]
+  rows_dir = os.path.join(work, 'compare', 'rows')
+  assert sorted(os.listdir(rows_dir)) == ['didi', 'sdtt']   # DiDi's two rows share one run
+  assert sorted(read_metrics(os.path.join(rows_dir, 'sdtt', 'seed1'), 'loss')) == [1, 2, 3, 4]
+  assert out['cells_computed'] == 4                          # teacher + three rows
+  table = json.load(open(out['table_json'], encoding='utf-8'))
+  got = [(r['model'], r['sampler'], r['nfe']) for r in table['rows']]
+  assert got == [('teacher', 'ancestral', 2), ('didi', 'ancestral', 2), ('didi_rgas', 'rgas', 2),
+                 ('sdtt', 'ancestral', 2)]
+  for r in table['rows']:
+    assert r['gen_ppl_ci'][0] <= r['gen_ppl'] <= r['gen_ppl_ci'][1]
+    assert sorted(r['judges']) == sorted([ar_judges['file'], ar_judges['run']])
+  assert table['rows'][3]['source'].endswith(os.path.join('sdtt', 'seed1'))
+  md = open(out['table'], encoding='utf-8').read()
+  assert 'DiDi-Instruct against SDTT' in md and '| sdtt | ancestral |' in md
+  assert '| didi_rgas | rgas |' in md and "compare.budget='iterations'" in md
+  assert os.path.getsize(out['curve']) > 1000
+  again = cli.run_job(cfg, work)
+  assert again['distilled'] == [] and again['cells_computed'] == 0

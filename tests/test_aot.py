@@ -15,6 +15,7 @@ import pytest
 
 from didi_jax import config as config_lib
 from didi_jax import parallel
+from didi_jax.sampling import cost as cost_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 1024 ** 3
@@ -144,6 +145,21 @@ def test_distill_v5e(v5e):
   report, compiled = aot.analyse(cfg, 'distill', v5e)
   _check_report_is_the_compilers(report, compiled, aot.CHIPS['v5e'])
   assert report['memory']['argument_bytes'] >= 64 * 32 * 4    # the (64, 32) int32 buffer
+
+
+def test_sdtt_distill_v5e(v5e):
+  cfg = tiny_cfg()
+  cfg.distill.method = 'sdtt'                        # its own step, state and batch key
+  cfg.distill.sdtt.batch_size = 16
+  report, compiled = aot.analyse(cfg, 'distill', v5e)
+  _check_report_is_the_compilers(report, compiled, aot.CHIPS['v5e'])
+  assert report['tokens_per_step'] == 16 * 32          # B x L data tokens
+  assert report['verdict']['batch_key'] == 'distill.sdtt.batch_size'
+  assert report['verdict']['fits'] is True
+  assert report['memory']['alias_bytes'] >= 0.99 * report['donated_bytes'] > 0
+  assert report['cost']['loop_note'] == ''               # SDTT has no chunked loss loop
+  assert report['cost']['model_flops_per_step'] == 5 * 16 * cost_lib.student_forward_flops(
+      cfg.model)                                       # two teacher forwards + fwd/bwd
 
 
 def test_rgas_sampler_v5e(v5e):

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from didi_jax import diffusion
-from didi_jax import distill
+from didi_jax.distill import didi as distill
 from didi_jax.config import base_config, model_config
 from didi_jax.models.dit import DiT
 from didi_jax.train import distill_state as ds
@@ -612,7 +612,8 @@ _SHARDED_SCRIPT = textwrap.dedent('''
     sys.path[:0] = [{root!r}, {tests!r}]
     import jax, numpy as np
     import test_distill as T
-    from didi_jax import distill, parallel
+    from didi_jax import parallel
+    from didi_jax.distill import didi as distill
     from didi_jax.train import distill_state as ds
     assert jax.device_count() == 8, jax.devices()
     cfg = T.tiny_cfg(batch_size=8)

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from didi_jax import diffusion
-from didi_jax import distill
+from didi_jax.distill import didi as distill
 from didi_jax.models.discriminator import Spectral
 from didi_jax.models.dit import DiT
 from didi_jax.train import distill_state as ds

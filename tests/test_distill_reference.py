@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from didi_jax import distill
+from didi_jax.distill import didi as distill
 from didi_jax.models.dit import DiT
 from didi_jax.train import distill_state as ds
 from tests import reference_distill_numpy as ref

@@ -138,7 +138,8 @@ def _dump_batches(cfg, pre_dir: str, out_dir: str, pid: int) -> None:
 
 def _grouped_advantages(out_dir: str, pid: int) -> None:
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  from didi_jax import distill, parallel  # pylint: disable=import-outside-toplevel
+  from didi_jax import parallel  # pylint: disable=import-outside-toplevel
+  from didi_jax.distill import didi as distill  # pylint: disable=import-outside-toplevel
   mesh = parallel.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   r_N = np.random.RandomState(3).normal(size=GROUPED_N).astype(np.float32) * 2.0
   r = parallel.global_batch(mesh, r_N)
@@ -336,7 +337,7 @@ def test_per_host_iterators_partition_the_global_batch(runs):
 
 
 def test_grouped_normalisation_keeps_groups_across_hosts(runs):
-  from didi_jax import distill  # pylint: disable=import-outside-toplevel
+  from didi_jax.distill import didi as distill  # pylint: disable=import-outside-toplevel
   d = np.load(os.path.join(runs['two'], 'grouped.npz'))
   r, adv = d['rewards'], d['advantages']
   # The same function on one device, unsharded: what the sharded two-host result must equal.

@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from didi_jax import config as config_lib
-from didi_jax import distill, jobs, models
+from didi_jax import jobs, models
+from didi_jax.distill import didi as distill
 from didi_jax import main as cli
 from didi_jax.checkpoint import esm_hf, loader
 from didi_jax.data import pipeline, protein, sources

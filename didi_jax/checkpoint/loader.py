@@ -283,6 +283,9 @@ def _load_workdir(source: str, role: str, weights: str) -> Network:
       gd, params, _ = models.split_abstract(model_cfg)
       group = 'ema' if role == 'student_ema' else 'student'
       return Network(role, model_cfg, gd, _restore(mngr, {group: params})[group], None, source)
+    if mngr.read_meta().get('method') == 'sdtt':
+      raise CheckpointError(f'{source} is an SDTT run: it trains no discriminator (RGAS needs a '
+                            'DiDi-Instruct run); sample its student with sampler.kind=ancestral')
     return _load_discriminator(mngr, model_cfg, source)
   finally:
     mngr.close()

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from didi_jax import distill, models, parallel, samples
+from didi_jax import models, parallel, samples
+from didi_jax.distill import didi as distill
 from didi_jax.checkpoint import loader
 from didi_jax.checkpoint import importer
 from didi_jax.checkpoint.manager import Manager

@@ -26,6 +26,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from didi_jax import diffusion
+from didi_jax.distill.common import PROB_ZERO, kl_per_position  # noqa: F401 (public here too)
+from didi_jax.distill.common import is_prob as _is_prob
 from didi_jax.models.discriminator import Spectral
 from didi_jax.sampling import categorical
 from didi_jax.train import common
@@ -37,7 +39,6 @@ PyTree = Any
 REWARD_EPS = 1e-6                  # log-odds offset: log(σ(d)+ε) − log(1−σ(d)+ε) (docs/method.md §7.2)
 ADV_STD_FLOOR = 1e-4               # default distill.adv_std_floor: spread floor / mean |r|
 ADV_FLOOR_ABS = 1e-4               # absolute spread floor: ~100x a reward's float32 rounding (§7.2)
-PROB_ZERO = diffusion.NEG_INF / 2  # log-probs at or below this count as probability 0
 OMEGA_CONSTANT = 1.0               # ω(t) in `omega.mode='constant'`
 
 
@@ -172,18 +173,6 @@ def advantage_metrics(r_N: Array, group_size: int, clip: float, enabled: bool = 
   if max_group_zscore(group_size) > clip:
     out['adv_clip_frac'] = jnp.mean((jnp.abs(z) > clip).astype(jnp.float32))
   return out
-
-
-def _is_prob(logp: Array) -> Array:
-  return logp > PROB_ZERO
-
-
-def kl_per_position(logp_p: Array, logp_q: Array) -> Array:
-  """KL(p‖q) = Σ_v p_v (log p_v − log q_v) over the last axis; log p ≤ −5e5 counts as p = 0."""
-  ok = _is_prob(logp_p)
-  lp = jnp.where(ok, logp_p, 0.0)
-  lq = jnp.where(ok, logp_q, 0.0)
-  return jnp.sum(jnp.where(ok, jnp.exp(lp) * (lp - lq), 0.0), axis=-1)
 
 
 def jeffrey(logp_T: Array, logp_S: Array, beta: float, kind: str = 'jeffrey') -> Array:
