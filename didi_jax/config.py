@@ -199,6 +199,16 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=10,               # iterations between metrics rows / progress lines
       sample_every=500,           # small 8/16-NFE sample with judge-free statistics (0: never)
       sample_count=8,             # sequences drawn by that periodic sample
+      eval_every=0,               # iterations between learning-curve points (docs/method.md
+                                  # §10.4): Gen PPL, entropy and diagnostics (0: off)
+      eval_nfes='8,16',           # comma list of the curve's sampler step counts
+      eval_samples=32,            # samples per curve point, per network and NFE (fixed seed
+                                  # eval.seed at every point, so points differ by the network)
+      eval_networks='student_ema',  # comma list of student_ema | student: networks on the curve
+      eval_judges='',             # comma list of the curve's judges ('': eval.judge and
+                                  # eval.extra_judges)
+      eval_diag_rows=64,          # rows of the diagnostic batch (a multiple of group_size;
+                                  # 0: no diagnostics)
   ))
 
   cfg.sampler = ml_collections.ConfigDict(dict(
@@ -320,6 +330,8 @@ _CHOICES = {
 SWEEP_MODELS = ('teacher', 'student', 'ar')
 SWEEP_SAMPLERS = ('ancestral', 'cached', 'rgas')
 PRECISIONS = ('float32', 'float64')
+EVAL_NETWORKS = ('student_ema', 'student')   # what the distillation curve may judge
+
 _LIST_CHOICES = {
     'sweep.models': SWEEP_MODELS,
     'sweep.samplers': SWEEP_SAMPLERS,
@@ -416,6 +428,9 @@ _RANGES = {
     'distill.log_every': (_positive, 'a positive number of iterations'),
     'distill.sample_every': (_non_negative, '>= 0 (0 = never)'),
     'distill.sample_count': (_positive, 'a positive number of samples'),
+    'distill.eval_every': (_non_negative, '>= 0 (0 = off)'),
+    'distill.eval_samples': (_positive, 'a positive number of samples'),
+    'distill.eval_diag_rows': (_non_negative, '>= 0 (0 = no diagnostics)'),
     'sampler.steps': (_positive, '>= 1'),
     'sampler.top_p': (lambda v: 0 < v <= 1, 'in (0, 1]'),
     'sampler.temperature': (_positive, 'positive'),
@@ -545,6 +560,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     parse_list(_get(cfg, key), key, choices)
   parse_nfes(cfg.sweep.nfes, 'sweep.nfes')
   parse_nfes(cfg.sweep.teacher_nfes, 'sweep.teacher_nfes')
+  parse_nfes(cfg.distill.eval_nfes, 'distill.eval_nfes')
+  if not parse_list(cfg.distill.eval_networks, 'distill.eval_networks', EVAL_NETWORKS):
+    raise ConfigError('--config.distill.eval_networks is empty: name student_ema and/or student')
+  if cfg.distill.eval_diag_rows % cfg.distill.group_size:
+    raise ConfigError(f'distill.eval_diag_rows={cfg.distill.eval_diag_rows} must be a multiple '
+                      f'of distill.group_size={cfg.distill.group_size} (whole groups)')
   _check_judges(cfg)
   _check_protein(cfg)
   m = cfg.model

@@ -12,7 +12,7 @@ import numpy as np
 
 from didi_jax import ablation, samples
 from didi_jax import config as config_lib
-from didi_jax.evaluation import evaluate, judges, sweep
+from didi_jax.evaluation import distill_curve, evaluate, judges, sweep
 from didi_jax.train import distill_loop, pretrain
 
 # Jobs that load judges: their judge names (and the 'demo-bytes' asset) are checked up front.
@@ -30,6 +30,8 @@ def check(cfg) -> None:
     judges.check_judge_name(cfg.eval.judge, 'eval.judge')
     for name in config_lib.parse_list(cfg.eval.extra_judges, 'eval.extra_judges'):
       judges.check_judge_name(name, 'eval.extra_judges')
+  if cfg.job in ('distill', 'pipeline'):
+    distill_curve.check(cfg)
   if cfg.job == 'ablate':
     ablation.check(cfg)
 
@@ -65,7 +67,7 @@ def sweep_job(cfg, workdir: str) -> dict:
 
 
 def distill_job(cfg, workdir: str) -> dict:
-  return distill_loop.run(cfg, workdir)
+  return distill_loop.run(cfg, workdir, curve=distill_curve.Curve)
 
 
 def _stopped(out: dict, stage: str, total: int) -> dict:
