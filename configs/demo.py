@@ -80,7 +80,7 @@ def get_config(preset: str = ''):
   cfg.distill.optim.disc.warmup_steps = 10
   cfg.distill.log_every = 10
   cfg.distill.sample_every = 100
-  # The learning curve (WORKDIR/distill_curve.png, docs/method.md §10.4): every 50 iterations the
+  # The learning curve (WORKDIR/distill_curve.png, docs/method.md §10.1): every 50 iterations the
   # student EMA at 8 and 16 NFE, 32 samples (seed eval.seed), judged by the byte judge only
   # (SmolLM2 is slow on CPUs), with the diagnostics on 32 held-out rows. COST_MEASURED_BELOW
   cfg.distill.eval_every = 50

@@ -200,7 +200,7 @@ def base_config() -> ml_collections.ConfigDict:
       sample_every=500,           # small 8/16-NFE sample with judge-free statistics (0: never)
       sample_count=8,             # sequences drawn by that periodic sample
       eval_every=0,               # iterations between learning-curve points (docs/method.md
-                                  # §10.4): Gen PPL, entropy and diagnostics (0: off)
+                                  # §10.1): Gen PPL, entropy and diagnostics (0: off)
       eval_nfes='8,16',           # comma list of the curve's sampler step counts
       eval_samples=32,            # samples per curve point, per network and NFE (fixed seed
                                   # eval.seed at every point, so points differ by the network)

@@ -1,5 +1,5 @@
 """The distillation learning curve and its diagnostics (evaluation/distill_curve.py,
-evaluation/distill_diagnostics.py; docs/method.md §10.4).
+evaluation/distill_diagnostics.py; docs/method.md §10.1).
 
 Each diagnostic on constructed cases (a perfect / constant discriminator, a reward equal to ±NLL,
 the gradient split against the step's own gradient, the KL to the teacher against NumPy), then

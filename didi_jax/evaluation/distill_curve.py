@@ -1,4 +1,4 @@
-"""The distillation learning curve (docs/method.md §10.4): a periodic evaluation of the student
+"""The distillation learning curve (docs/method.md §10.1): a periodic evaluation of the student
 during training, its diagnostics, and WORKDIR/distill_curve.png.
 
 Every `distill.eval_every` iterations (and at iteration 0 and the last one) the distill loop calls

@@ -1,4 +1,4 @@
-"""Diagnostics of a distillation run (docs/method.md §10.4): why a run does or does not improve.
+"""Diagnostics of a distillation run (docs/method.md §10.1): why a run does or does not improve.
 
 Computed on a separate diagnostic batch at the learning curve's cadence, never inside the training
 step: one jitted function (`make_diagnose`) reuses the objective's pure pieces (`student_rollout`,
