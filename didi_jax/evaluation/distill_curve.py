@@ -131,7 +131,7 @@ class Curve:
     self.figure_path = os.path.join(workdir, FIGURE)
     self.show = ([ppl_key(n, nfe, self.names[0]) for n in self.networks for nfe in self.nfes]
                  + ([f'diag/kl_teacher/{self.networks[0]}', spearman_key(self.names[0])]
-                    if self.rows else []))
+                    if self.rows else []) + ['curve/seconds'])
 
   # -- pieces
 

@@ -126,7 +126,8 @@ def make_diagnose(cfg: ml_collections.ConfigDict, student_graphdef: nnx.GraphDef
   `x_real_NxL`: held-out real rows (N = distill.eval_diag_rows, whole groups of G). The rollout
   is the objective's (`distill.student_rollout` with the raw student, τ per the config), its
   rewards come from the current discriminator at the corruption time t_c as in the objective, and
-  `rollout` = {'x_fake_NxL', 'reward_N'} for the judge's rank correlation.
+  `rollout` = {'x_fake_NxL' (leftover [MASK]s filled greedily), 'reward_N'} for the judge's
+  rank correlation.
   """
   d = cfg.distill
   net = distill.denoiser_net(student_graphdef)
@@ -196,7 +197,12 @@ def make_diagnose(cfg: ml_collections.ConfigDict, student_graphdef: nnx.GraphDef
     for n in networks:
       out[f'diag/kl_teacher/{n}'] = kl_sum[n] / len(T_BANDS)
     out = {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
-    return out, {'x_fake_NxL': x_fake, 'reward_N': r_N}
+    # The rollout ends at t0 > 0, so a few positions may still be [MASK]: the judge reads them
+    # filled with the student's most likely token (greedy noise removal, §8.4).
+    zero_N = jnp.zeros((N,), jnp.float32)
+    greedy = jnp.argmax(logp(student_graphdef, state.student, x_fake, zero_N), axis=-1)
+    x_judged = jnp.where(x_fake == mask_id, greedy.astype(x_fake.dtype), x_fake)
+    return out, {'x_fake_NxL': x_judged, 'reward_N': r_N}
   return diagnose
 
 
