@@ -82,7 +82,10 @@ def get_config(preset: str = ''):
   cfg.distill.sample_every = 100
   # The learning curve (WORKDIR/distill_curve.png, docs/method.md §10.1): every 50 iterations the
   # student EMA at 8 and 16 NFE, 32 samples (seed eval.seed), judged by the byte judge only
-  # (SmolLM2 is slow on CPUs), with the diagnostics on 32 held-out rows. COST_MEASURED_BELOW
+  # (SmolLM2 is slow on CPUs), with the diagnostics on 32 held-out rows. Measured 2026-12-06 on
+  # 2 CPU cores shared with other jobs (load 12-17): one point costs 25 CPU-seconds (curve/
+  # cpu_seconds; 100-180 s wall on those busy cores), the first about 150 more (compilation):
+  # about 5 CPU-minutes for the demo's 7 points. --config.distill.eval_every=0 turns it off.
   cfg.distill.eval_every = 50
   cfg.distill.eval_nfes = '8,16'
   cfg.distill.eval_samples = 32

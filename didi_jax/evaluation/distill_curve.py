@@ -125,6 +125,7 @@ class Curve:
       raise errors.ConfigError(f'distill.eval_diag_rows={self.rows} is not divisible by the {div} '
                                'devices of the batch axes: use a multiple of them')
     self._judges = None
+    self._samplers = {}
     self._diagnose = None
     self._x_real = None
     self.cache_path = os.path.join(workdir, CURVE_DIR, TEACHER_CACHE)
@@ -146,20 +147,32 @@ class Curve:
                                    group_size=self.batch, judge_batch_size=int(e.judge_batch_size),
                                    n_bootstrap=int(e.bootstrap), seed=self.seed)
 
-  def draw(self, network, nfe: int) -> np.ndarray:
-    res = sampling_runner.generate(sampler_config(self.cfg, nfe), network, None,
-                                   num_samples=self.count, batch_size=self.batch, seed=self.seed,
-                                   mesh=self.runner.mesh)
-    return np.asarray(res.ids, np.int32)
+  def draw(self, params, nfe: int) -> np.ndarray:
+    """`sampling.runner.generate`'s draws (batch b from fold_in(PRNGKey(seed), b), all-[MASK]
+    start) with one compiled sampler per NFE, reused by every point and network: the student,
+    its EMA and the teacher share the student's graphdef."""
+    m = self.cfg.model
+    mask_id, length = int(m.vocab_size) - 1, int(m.length)
+    if nfe not in self._samplers:
+      net = loader.Network('student', m, self.runner.student_gd, params)
+      self._samplers[nfe] = sampling_runner.make_sample_fn(
+          sampler_config(self.cfg, nfe), net, None, batch_size=self.batch, length=length,
+          mask_id=mask_id)
+    base = jax.random.PRNGKey(self.seed)
+    x_init = parallel.global_batch(self.runner.mesh,
+                                   np.full((self.batch, length), mask_id, np.int32))
+    ids = [sampling_runner.host_value(self._samplers[nfe](
+        params, None, jax.random.fold_in(base, b), x_init)[0])
+           for b in range(-(-self.count // self.batch))]
+    return np.concatenate(ids)[:self.count].astype(np.int32)
 
-  def judged(self, network, nfe: int) -> dict:
-    """{judge name: quality} of `network`'s samples at `nfe` (the same seed every time)."""
-    ids = self.draw(network, nfe)
+  def judged(self, params, nfe: int) -> dict:
+    """{judge name: quality} of the samples of the network with `params` at `nfe`."""
+    ids = self.draw(params, nfe)
     return {j.name: self.quality(j, ids) for j in self.judges()}
 
-  def network(self, state, role: str) -> loader.Network:
-    params = state.ema if role == 'student_ema' else state.student
-    return loader.Network(role, self.cfg.model, self.runner.student_gd, params)
+  def params(self, state, role: str):
+    return state.ema if role == 'student_ema' else state.student
 
   def teacher_settings(self, nfe: int) -> dict:
     e = self.cfg.eval
@@ -181,7 +194,7 @@ class Curve:
       hit = next((c for c in cached if c['settings'] == settings), None)
       if hit is None:
         t0 = time.time()
-        q = self.judged(self.teacher, nfe)
+        q = self.judged(self.teacher.params, nfe)
         hit = {'settings': settings, 'nfe': nfe,
                'gen_ppl': {n: [q[n]['gen_ppl']] + list(q[n]['gen_ppl_ci']) for n in q},
                'entropy': q[self.names[0]]['entropy']}
@@ -226,9 +239,8 @@ class Curve:
   def point(self, state) -> dict:
     out = {}
     for net in self.networks:
-      network = self.network(state, net)
       for nfe in self.nfes:
-        q = self.judged(network, nfe)
+        q = self.judged(self.params(state, net), nfe)
         for name, rec in q.items():
           lo, hi = rec['gen_ppl_ci']
           out[ppl_key(net, nfe, name)] = rec['gen_ppl']
@@ -240,10 +252,11 @@ class Curve:
     return out
 
   def __call__(self, step: int, state) -> dict:
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     teacher = self.teacher_levels()
     out = self.point(state)
     out['curve/seconds'] = time.time() - t0
+    out['curve/cpu_seconds'] = time.process_time() - c0     # all threads: cost on idle cores
     if jax.process_index() == 0:
       rows = [r for r in read_rows(self.workdir) if r['step'] < step] + [dict(out, step=step)]
       draw_figure(rows, teacher, self.names, self.networks, self.nfes, self.figure_path,

@@ -217,8 +217,10 @@ def run(cfg, workdir: str, curve: Optional[Callable[..., Any]] = None) -> dict:
       # Iteration 0: the teacher-initialised student. A fresh start's writer drops every row of an
       # attempt killed before its first checkpoint, this one included (the loop's own writer
       # keeps rows at or before the step it starts from).
-      common.MetricWriter(workdir, cfg.logging.tensorboard, resume_step=-1).write(
-          0, hook(0, state))
+      point = hook(0, state)
+      common.MetricWriter(workdir, cfg.logging.tensorboard, resume_step=-1).write(0, point)
+      print('curve 0: ' + ' '.join(f'{k} {v:.4g}' for k, v in point.items()
+                                   if k in getattr(hook, 'show', point)), flush=True)
     periodic.append(loop.Periodic(d.eval_every, hook, 'curve', '.4g',
                                   show=tuple(getattr(hook, 'show', ()))))
   meta = pretrain.checkpoint_meta(cfg, 'distill', {'teacher_source': cfg.teacher.checkpoint,
