@@ -28,7 +28,8 @@ from didi_jax.sampling import runner as sampling_runner
 from didi_jax.train import common
 from didi_jax.train import distill_state as ds
 from tests.test_cli import smoke_cfg
-from tests.test_distill import JIT_OPTS, LENGTH, MASK, np_log_softmax, teacher_params, tiny_cfg
+from tests.test_distill import (JIT_OPTS, LENGTH, MASK, np_group_advantages, np_log_softmax,
+                                teacher_params, tiny_cfg)
 from tests.test_main import stop_in_flag
 
 
@@ -125,29 +126,38 @@ def test_gradient_split_sums_to_the_steps_own_gradient():
   assert norm(g_pg) > 0 and norm(g_reg) > 0
 
 
-def test_kl_to_teacher_is_zero_at_the_teacher_and_matches_numpy():
-  cfg = tiny_cfg(t0=0.3)            # the rollout leaves ~30% masked: the judge must see none
-  d = cfg.distill
+@pytest.fixture(scope='module')
+def diagnosed():
+  """The diagnostic function on a tiny state whose EMA is the teacher and whose raw student is
+  another network."""
+  cfg = tiny_cfg(t0=0.3, entropy_coef=0.05)   # t0: the rollout leaves ~30% masked
   tp = teacher_params(cfg)
   sgd, dgd = ds.make_graphdefs(cfg)
   state = ds.init_distill_state(cfg, tp, jax.random.key(1))
-  student = teacher_params(cfg, seed=7)            # another network: the raw student
-  state = state.replace(student=student)
-  N = 8
-  x_real = jax.random.randint(jax.random.key(3), (N, LENGTH), 0, MASK)
+  state = state.replace(student=teacher_params(cfg, seed=7))
+  x_real = jax.random.randint(jax.random.key(3), (8, LENGTH), 0, MASK)
   keys = diag.diag_keys(0)
   fn = jax.jit(diag.make_diagnose(cfg, sgd, dgd), compiler_options=JIT_OPTS)
   out, rollout = fn(state, tp, x_real, keys)
+  return dict(cfg=cfg, tp=tp, sgd=sgd, dgd=dgd, state=state, x_real=x_real, keys=keys,
+              out={k: float(v) for k, v in out.items()}, rollout=rollout)
+
+
+def test_kl_to_teacher_is_zero_at_the_teacher_and_matches_numpy(diagnosed):
+  cfg, tp, sgd, state, x_real, keys, out, rollout = (diagnosed[k] for k in (
+      'cfg', 'tp', 'sgd', 'state', 'x_real', 'keys', 'out', 'rollout'))
+  d, student, N = cfg.distill, state.student, x_real.shape[0]
   assert abs(float(out['diag/kl_teacher/student_ema'])) < 1e-6       # EMA = teacher
   # NumPy: KL(S‖T) at the masked positions of the same corruptions, per row, then bands.
   per_band = []
+  forward = jax.jit(lambda p, z, sig: nnx.merge(sgd, p)(z, sig), compiler_options=JIT_OPTS)
   for b, (lo, hi) in enumerate(diag.T_BANDS):
     kb_t, kb_real, _ = jax.random.split(jax.random.fold_in(keys['bands'], b), 3)
     t = jnp.clip(jax.random.uniform(kb_t, (N,), jnp.float32, lo, hi), d.tau.min, d.tau.max)
     z = np.asarray(diffusion.forward_mask(kb_real, x_real, t, MASK))
     zero = jnp.zeros((N,), jnp.float32)
-    ls = np.asarray(nnx.merge(sgd, student)(jnp.asarray(z), zero), np.float64)[..., :MASK]
-    lt = np.asarray(nnx.merge(sgd, tp)(jnp.asarray(z), zero), np.float64)[..., :MASK]
+    ls = np.asarray(forward(student, jnp.asarray(z), zero), np.float64)[..., :MASK]
+    lt = np.asarray(forward(tp, jnp.asarray(z), zero), np.float64)[..., :MASK]
     ps, lps, lpt = np.exp(np_log_softmax(ls)), np_log_softmax(ls), np_log_softmax(lt)
     kl = np.sum(ps * (lps - lpt), -1)
     mk = z == MASK
@@ -156,7 +166,7 @@ def test_kl_to_teacher_is_zero_at_the_teacher_and_matches_numpy():
   assert float(out['diag/kl_teacher/student']) == pytest.approx(np.mean(per_band), rel=1e-4)
   assert float(out['diag/kl_teacher/student']) > 1e-3
   # The rollout's rewards are the objective's: the masked mean of the clipped log-odds.
-  x_judged = np.asarray(rollout['x_fake_NxL'])
+  x_judged = np.asarray(rollout['x_fake_NxL'])      # the judge must see no [MASK]
   assert x_judged.shape == (N, LENGTH) and x_judged.max() < MASK
   r = np.asarray(rollout['reward_N'])
   assert r.shape == (N,) and np.all(np.abs(r) <= d.reward_clip)
@@ -328,3 +338,46 @@ def test_curve_settings_are_checked_up_front(setup):
   cfg = curve_cfg(setup, **{'distill.eval_nfes': '4,x'})
   with pytest.raises(config_lib.ConfigError, match='eval_nfes'):
     config_lib.validate(cfg)
+
+
+def test_rewards_advantages_and_gradient_norms_match_an_independent_computation(diagnosed):
+  """The objective's pieces recomputed: the rollout under the diagnostic keys, rewards from the
+  discriminator's logits in NumPy (clipped log-odds), grouped advantages and ω(t) = clip(1/t) in
+  NumPy, and the gradient of the whole student loss by jax.grad."""
+  cfg, tp, sgd, dgd, state, x_real, keys, out = (diagnosed[k] for k in (
+      'cfg', 'tp', 'sgd', 'dgd', 'state', 'x_real', 'keys', 'out'))
+  d, N, G = cfg.distill, x_real.shape[0], cfg.distill.group_size
+  tau = distill.sample_tau(keys['tau'], N, d.tau, G)
+  rkeys = {'roll1': keys['roll1'], 'roll2': keys['roll2'], 'drop1': None, 'drop2': None,
+           'drop_draw1': None, 'drop_draw2': None}
+  regime = categorical.Regime.from_config(cfg.sampler)
+
+  def rollout(p):
+    return distill.student_rollout(p, tp, tau, rkeys, net=distill.denoiser_net(sgd), n_rows=N,
+                                   length=LENGTH, mask_id=MASK, dcfg=d, regime=regime)
+
+  def corrupted_logits(p):
+    z = diffusion.forward_mask(keys['mask_fake'], rollout(p)[1]['x_fake_NxL'], tau, MASK)
+    disc = nnx.merge(dgd, state.disc_train, state.disc_frozen, state.spectral)
+    return z, disc(z, diffusion.sigma(tau), update_spectral=False)
+  z, logit = jax.jit(corrupted_logits, compiler_options=JIT_OPTS)(state.student)
+  logit = np.asarray(logit, np.float64)
+  sig = 1.0 / (1.0 + np.exp(-logit))
+  lo = np.clip(np.log(sig + 1e-6) - np.log(1.0 - sig + 1e-6), -d.reward_clip, d.reward_clip)
+  mk = np.asarray(z) == MASK
+  r = np.array([lo[i][mk[i]].mean() if mk[i].any() else 0.0 for i in range(N)])
+  adv = np_group_advantages(r, G, d.adv_clip)[0]
+  w = np.clip(1.0 / np.asarray(tau, np.float64), d.omega.min, d.omega.max)
+  assert out['diag/reward_mean'] == pytest.approx(r.mean(), abs=1e-5)
+  assert out['diag/reward_group_std'] == pytest.approx(
+      r.reshape(-1, G).std(1, ddof=1).mean(), rel=1e-4)
+  assert out['diag/adv_std'] == pytest.approx(adv.std(), rel=1e-4)
+  wa = jnp.asarray(w * adv, jnp.float32)
+  grads = jax.jit(lambda p: (
+      jax.grad(lambda q: distill.student_loss_from_terms(rollout(q)[0], wa, d))(p),
+      jax.grad(lambda q: -jnp.mean(wa * rollout(q)[0]['logp_N']))(p)),
+      compiler_options=JIT_OPTS)(state.student)
+  norm = lambda t: float(common.global_norm(t))    # noqa: E731
+  assert out['diag/grad_norm_total'] == pytest.approx(norm(grads[0]), rel=1e-4)
+  assert out['diag/grad_norm_pg'] == pytest.approx(norm(grads[1]), rel=1e-4)
+  assert out['diag/grad_norm_reg'] > 0

@@ -181,7 +181,9 @@ class Curve:
            'bootstrap': int(e.bootstrap), 'judge_batch_size': int(e.judge_batch_size),
            'judges': {n: judge_context(self.cfg, n) for n in self.names},
            'sampler': sampling_runner.sampler_settings(sampler_config(self.cfg, nfe), 'teacher',
-                                                       nfe)}
+                                                       nfe),
+           't_min': float(self.cfg.sampler.t_min),
+           'sparse_capacity': float(self.cfg.sampler.get('sparse_capacity', 0.0))}
     return json.loads(json.dumps(out, default=artifacts.json_default))
 
   def teacher_levels(self) -> dict:
