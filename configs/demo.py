@@ -83,6 +83,18 @@ def get_config(preset: str = ''):
   cfg.distill.optim.disc.warmup_steps = 10
   cfg.distill.log_every = 10
   cfg.distill.sample_every = 100
+  # The learning curve (WORKDIR/distill_curve.png, docs/method.md §10.1): every 50 iterations the
+  # student EMA at 8 and 16 NFE, 32 samples (seed eval.seed), judged by the byte judge only
+  # (SmolLM2 is slow on CPUs), with the diagnostics on 32 held-out rows. Measured 2026-12-06 on
+  # 2 CPU cores shared with other jobs (load 12-17): one point costs 25 CPU-seconds (curve/
+  # cpu_seconds; 100-180 s wall on those busy cores), the first about 150 more (compilation):
+  # about 5 CPU-minutes for the demo's 7 points. --config.distill.eval_every=0 turns it off.
+  cfg.distill.eval_every = 50
+  cfg.distill.eval_nfes = '8,16'
+  cfg.distill.eval_samples = 32
+  cfg.distill.eval_networks = 'student_ema'
+  cfg.distill.eval_judges = 'demo-bytes'
+  cfg.distill.eval_diag_rows = 32
   cfg.checkpoint.every = 50
 
   cfg.sampler.network = 'student_ema'
@@ -135,6 +147,7 @@ def get_config(preset: str = ''):
     cfg.distill.log_every = 5
     cfg.distill.sample_every = 10
     cfg.distill.sample_count = 4
+    cfg.distill.eval_every = 0           # no learning curve: mechanics only
     cfg.sample.num_samples = 8
     cfg.sample.batch_size = 8
     cfg.eval.num_samples = 8
@@ -153,6 +166,7 @@ def get_config(preset: str = ''):
     cfg.job = 'ablate'
     cfg.distill.num_iterations = 100
     cfg.distill.sample_every = 0         # no periodic samples: the sweep measures each row
+    cfg.distill.eval_every = 0           # no learning curve: the ablation judges no row in training
     cfg.checkpoint.every = 50
     cfg.sweep.models = 'teacher,student'
     cfg.sweep.nfes = '8,16'
@@ -203,6 +217,10 @@ def get_config(preset: str = ''):
     cfg.distill.optim.disc.lr = 1e-5
     cfg.distill.optim.student.warmup_steps = 200
     cfg.distill.optim.disc.warmup_steps = 200
+    cfg.distill.eval_every = 200         # the curve judged by SmolLM2 (BPE samples), 64 samples
+    cfg.distill.eval_samples = 64
+    cfg.distill.eval_judges = ''
+    cfg.distill.eval_diag_rows = 64
     cfg.eval.num_samples = 256
     cfg.eval.judge_context = 256
     cfg.sample.batch_size = 64

@@ -222,6 +222,16 @@ def base_config() -> ml_collections.ConfigDict:
           b1=0.9, b2=0.999, eps=1e-8,   # AdamW moments and epsilon (PyTorch defaults)
           weight_decay=0.0,       # AdamW weight decay (paper: 0)
           ema_decay=0.9999)),     # student EMA, never reset across rounds (paper: 0.9999)
+      eval_every=0,               # iterations between learning-curve points (docs/method.md
+                                  # §10.1): Gen PPL, entropy and diagnostics (0: off)
+      eval_nfes='8,16',           # comma list of the curve's sampler step counts
+      eval_samples=32,            # samples per curve point, per network and NFE (fixed seed
+                                  # eval.seed at every point, so points differ by the network)
+      eval_networks='student_ema',  # comma list of student_ema | student: networks on the curve
+      eval_judges='',             # comma list of the curve's judges ('': eval.judge and
+                                  # eval.extra_judges)
+      eval_diag_rows=64,          # rows of the diagnostic batch (a multiple of group_size;
+                                  # 0: no diagnostics)
   ))
 
   cfg.sampler = ml_collections.ConfigDict(dict(
@@ -372,6 +382,8 @@ _CHOICES = {
 SWEEP_MODELS = ('teacher', 'student', 'ar')
 SWEEP_SAMPLERS = ('ancestral', 'cached', 'rgas')
 PRECISIONS = ('float32', 'float64')
+EVAL_NETWORKS = ('student_ema', 'student')   # what the distillation curve may judge
+
 _LIST_CHOICES = {
     'sweep.models': SWEEP_MODELS,
     'sweep.samplers': SWEEP_SAMPLERS,
@@ -481,6 +493,9 @@ _RANGES = {
     'distill.sdtt.eps': (_positive, 'positive'),
     'distill.sdtt.weight_decay': (_non_negative, '>= 0'),
     'distill.sdtt.ema_decay': (lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    'distill.eval_every': (_non_negative, '>= 0 (0 = off)'),
+    'distill.eval_samples': (_positive, 'a positive number of samples'),
+    'distill.eval_diag_rows': (_non_negative, '>= 0 (0 = no diagnostics)'),
     'sampler.steps': (_positive, '>= 1'),
     'sampler.top_p': (lambda v: 0 < v <= 1, 'in (0, 1]'),
     'sampler.temperature': (_positive, 'positive'),
@@ -630,6 +645,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   parse_temperatures(cfg.sweep.frontier_temperatures, 'sweep.frontier_temperatures')
   if not isinstance(cfg.eval.mauve, bool):
     raise ConfigError(f'--config.eval.mauve={cfg.eval.mauve!r} must be True or False')
+  parse_nfes(cfg.distill.eval_nfes, 'distill.eval_nfes')
+  if not parse_list(cfg.distill.eval_networks, 'distill.eval_networks', EVAL_NETWORKS):
+    raise ConfigError('--config.distill.eval_networks is empty: name student_ema and/or student')
+  if cfg.distill.eval_diag_rows % cfg.distill.group_size:
+    raise ConfigError(f'distill.eval_diag_rows={cfg.distill.eval_diag_rows} must be a multiple '
+                      f'of distill.group_size={cfg.distill.group_size} (whole groups)')
   _check_judges(cfg)
   _check_protein(cfg)
   m = cfg.model

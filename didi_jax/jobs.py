@@ -13,7 +13,7 @@ import numpy as np
 
 from didi_jax import ablation, compare, samples
 from didi_jax import config as config_lib
-from didi_jax.evaluation import evaluate, judges, metrics, sweep
+from didi_jax.evaluation import distill_curve, evaluate, judges, metrics, sweep
 from didi_jax.train import family, pretrain
 
 # Jobs that load judges: their judge names (and the 'demo-bytes' asset) are checked up front.
@@ -33,6 +33,8 @@ def check(cfg) -> None:
       judges.check_judge_name(name, 'eval.extra_judges')
   if cfg.eval.mauve and cfg.job in ('sweep', 'pipeline') and not config_lib.is_protein(cfg):
     metrics.require_mauve()                  # the optional package, named with its pip command
+  if cfg.job in ('distill', 'pipeline'):
+    distill_curve.check(cfg)
   if cfg.job == 'ablate':
     ablation.check(cfg)
   if cfg.job == 'compare':
@@ -70,7 +72,7 @@ def sweep_job(cfg, workdir: str) -> dict:
 
 
 def distill_job(cfg, workdir: str) -> dict:
-  return family.run(cfg, workdir)
+  return family.run(cfg, workdir, curve=distill_curve.Curve)
 
 
 def _stopped(out: dict, stage: str, total: int) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from typing import Any, Callable, Optional
 
 from flax import nnx
 import jax
@@ -25,6 +26,7 @@ from didi_jax.data import pipeline
 from didi_jax.models.discriminator import Spectral
 from didi_jax.sampling import runner as sampling_runner
 from didi_jax.train import distill_state as ds
+from didi_jax.train import common
 from didi_jax.train import loop
 from didi_jax.train import pretrain
 
@@ -169,8 +171,13 @@ def fill_teacher_buffer(runner: Distiller, state, teacher, cfg, step: int, count
 PROGRESS_KEYS = ('d_loss', 'd_acc_real', 'd_acc_fake', 'reward_mean', 'kl_hi', 'kl_lo', 'entropy')
 
 
-def run(cfg, workdir: str) -> dict:
-  """The `distill` job."""
+def run(cfg, workdir: str, curve: Optional[Callable[..., Any]] = None) -> dict:
+  """The `distill` job.
+
+  `curve(cfg, workdir, runner, teacher) -> fn(step, state) -> metrics`: the learning curve
+  (evaluation/distill_curve.Curve, passed in by the job layer, which may load judges), called
+  every `distill.eval_every` iterations, at the last one and, on a fresh start, at iteration 0.
+  """
   d = cfg.distill
   os.makedirs(workdir, exist_ok=True)
   teacher = load_teacher(cfg)
@@ -202,14 +209,25 @@ def run(cfg, workdir: str) -> dict:
     return runner.step(state, runner.teacher_params, parallel.global_batch(runner.mesh, x),
                        runner.run_key)
 
+  periodic = [loop.Periodic(d.sample_every,
+                            lambda step, state: periodic_samples(runner, state, cfg, step),
+                            'samples', '.4g')]
+  if curve is not None and d.eval_every:
+    hook = curve(cfg, workdir, runner, teacher)
+    if first == 0:
+      # Iteration 0: the teacher-initialised student. A fresh start's writer drops every row of an
+      # attempt killed before its first checkpoint, this one included (the loop's own writer
+      # keeps rows at or before the step it starts from).
+      point = hook(0, state)
+      common.MetricWriter(workdir, cfg.logging.tensorboard, resume_step=-1).write(0, point)
+      print('curve 0: ' + ' '.join(f'{k} {v:.4g}' for k, v in point.items()
+                                   if k in getattr(hook, 'show', point)), flush=True)
+    periodic.append(loop.Periodic(d.eval_every, hook, 'curve', '.4g',
+                                  show=tuple(getattr(hook, 'show', ()))))
   meta = pretrain.checkpoint_meta(cfg, 'distill', {'teacher_source': cfg.teacher.checkpoint,
                                                    'teacher_weights': cfg.teacher.weights})
   out = loop.run(job, workdir=workdir, mngr=mngr, state=state, first=first, step_fn=step_fn,
                  meta=meta, iterator=it, tensorboard=cfg.logging.tensorboard,
-                 before_step=refresh_buffer,
-                 periodic=[loop.Periodic(d.sample_every,
-                                         lambda step, state: periodic_samples(runner, state, cfg,
-                                                                              step),
-                                         'samples', '.4g')])
+                 before_step=refresh_buffer, periodic=periodic)
   return {'step': out.step, 'complete': out.complete,
           **{k: out.last_metrics[k] for k in PROGRESS_KEYS if k in out.last_metrics}}

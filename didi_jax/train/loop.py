@@ -26,6 +26,7 @@ class Periodic:
   fn: Callable[[int, Any], dict]
   label: str                       # the printed line's prefix, e.g. 'eval', 'samples'
   fmt: str = '.4f'
+  show: Sequence[str] = ()         # the metrics the printed line shows (empty: all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +123,8 @@ def run(job: Job, *, workdir: str, mngr: Manager, state: Any, first: int,
           writer.write(step, last_periodic)
           if progress.enabled:
             print(f'{hook.label} {step}: ' + ' '.join(
-                f'{k} {v:{hook.fmt}}' for k, v in last_periodic.items()), flush=True)
+                f'{k} {v:{hook.fmt}}' for k, v in last_periodic.items()
+                if not hook.show or k in hook.show), flush=True)
       stopping = stop.should_stop(step)
       if step % job.save_every == 0 or final or stopping:
         mngr.save(step, state, iterator.get_state() if iterator is not None else {}, meta)
