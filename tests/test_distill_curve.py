@@ -19,7 +19,8 @@ import pytest
 from flax import nnx
 
 from didi_jax import config as config_lib
-from didi_jax import diffusion, distill, models, parallel, samples
+from didi_jax import diffusion, models, parallel, samples
+from didi_jax.distill import didi as distill
 from didi_jax import main as cli
 from didi_jax.checkpoint import exporter
 from didi_jax.evaluation import distill_curve, distill_diagnostics as diag, evaluate, judges

@@ -30,7 +30,8 @@ import numpy as np
 import scipy.stats
 from flax import nnx
 
-from didi_jax import diffusion, distill
+from didi_jax import diffusion
+from didi_jax.distill import didi as distill
 from didi_jax.sampling import categorical
 from didi_jax.train import common
 from didi_jax.train import distill_state as ds
