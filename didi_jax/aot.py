@@ -270,6 +270,10 @@ def _random_teacher(cfg):
 
 
 def build_distill(cfg, devices, concrete: bool = False) -> Program:
+  if cfg.distill.get('memory_saving', 'auto') == 'auto':
+    # 'auto' reads the backend of this process (a CPU host here): resolve it for the target.
+    with cfg.unlocked():
+      cfg.distill.memory_saving = 'off' if devices[0].platform == 'cpu' else 'on'
   runner = distill_loop.Distiller(cfg, _random_teacher(cfg) if concrete else None,
                                       devices=devices)
   B, L, G = int(cfg.distill.batch_size), int(cfg.model.length), int(cfg.distill.group_size)
