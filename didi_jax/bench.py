@@ -296,13 +296,14 @@ def run_train(cfg, batch: int, warmup: int, iters: int) -> dict:
   state = trainer.fresh_state()
   params = _nondegenerate(state['params'])
   state = dict(state, params=params, ema=jax.tree.map(jnp.copy, params))
+  host_params = jax.device_get(params)     # the step donates the state: keep the start weights
   x = parallel.global_batch(trainer.mesh, _tokens(jax.random.PRNGKey(1), batch,
                                                   cfg.model.length, cfg.model.vocab_size))
   timing, _ = time_program(trainer.train_step, (state, x, trainer.run_key), warmup=warmup,
                            iters=iters, next_args=lambda a, out: (out[0],) + a[1:])
   L = cfg.model.length
   return dict(timing=timing, flops=batch * L * train_flops_per_token(cfg.model),
-              tokens=batch * L, shape=f'B={batch} L={L}', batch=batch, params=params,
+              tokens=batch * L, shape=f'B={batch} L={L}', batch=batch, params=host_params,
               forwards=1)
 
 
