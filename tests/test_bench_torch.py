@@ -125,3 +125,13 @@ def test_bench_prints_the_torch_row_and_ratio(capsys):
   assert 'network calls per iteration ours 5 / torch 5 on (8, 32)' in out
   assert re.search(r'torch eager [\d.]+ s/iter = \*\*[\d.]+x\*\* our time \(> 1: ours is faster',
                    out)
+
+
+def test_bench_train_row_uses_the_start_weights(capsys):
+  """The JAX train step donates its state: the torch row must still load the weights."""
+  rc = bench.main(['train', '--size', 'tiny', '--length', str(L), '--batch', '8', '--iters', '1',
+                   '--warmup', '1', '--baseline', 'torch-eager'])
+  out = capsys.readouterr().out
+  assert rc == 0, out
+  assert '| train (torch eager) | B=8 L=32 |' in out
+  assert 'network calls per iteration ours 1 / torch 1 on (8, 32)' in out
