@@ -30,6 +30,8 @@ setup(
         # implementations; exact CI versions in .ci/requirements-test.txt.
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'scipy>=1.11', 'torch>=2.4',
                  'transformers>=4.46', 'accelerate>=1.0', 'mauve-text>=0.4'],
+        # torch: the PyTorch baseline of `python -m didi_jax.bench ... --baseline=torch`.
+        'bench': ['torch>=2.4'],
         'gpu': ['jax[cuda12]>=0.10.2'],
         'tpu': ['jax[tpu]>=0.10.2'],
         'hub': ['huggingface_hub>=0.24', 'datasets>=2.19'],

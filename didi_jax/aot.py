@@ -286,6 +286,10 @@ def _random_teacher(cfg):
 
 
 def build_distill(cfg, devices, concrete: bool = False) -> Program:
+  if cfg.distill.get('memory_saving', 'auto') == 'auto':
+    # 'auto' reads the backend of this process (a CPU host here): resolve it for the target.
+    with cfg.unlocked():
+      cfg.distill.memory_saving = 'off' if devices[0].platform == 'cpu' else 'on'
   runner = family.runner(cfg, _random_teacher(cfg) if concrete else None, devices=devices)
   if family.method(cfg) == 'sdtt':             # the round's teacher is inside the state
     return _batch_program(cfg, 'distill', runner.step, runner.mesh, runner.abstract_sharded(),

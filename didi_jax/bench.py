@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from didi_jax import config as config_lib
@@ -58,6 +59,9 @@ DEFAULT_LENGTH = {'tiny': 64, 'demo': 256, 'small': 1024, 'medium': 1024, 'large
 GPT2_VOCAB = 50258           # GPT-2 BPE + [MASK]
 BYTE_VOCAB = 258             # bytes + EOS + [MASK] (the CPU demo)
 DEFAULT_BATCH = {'train': 32, 'distill': 8, 'sample': 64, 'rgas': 64}
+BASELINES = ('none', 'torch', 'torch-eager')
+TORCH_WORKLOADS = ('train', 'sample')   # workloads with a PyTorch baseline (bench_torch.py)
+TORCH_IMPLS = ('torch eager', 'torch.compile')
 TERA = 1e12
 GIGA = 1e9
 
@@ -290,17 +294,35 @@ def run_train(cfg, batch: int, warmup: int, iters: int) -> dict:
   with tempfile.TemporaryDirectory() as workdir:
     trainer = pretrain.Trainer(cfg, workdir)
   state = trainer.fresh_state()
+  params = _nondegenerate(state['params'])
+  state = dict(state, params=params, ema=jax.tree.map(jnp.copy, params))
+  host_params = jax.device_get(params)     # the step donates the state: keep the start weights
   x = parallel.global_batch(trainer.mesh, _tokens(jax.random.PRNGKey(1), batch,
                                                   cfg.model.length, cfg.model.vocab_size))
   timing, _ = time_program(trainer.train_step, (state, x, trainer.run_key), warmup=warmup,
                            iters=iters, next_args=lambda a, out: (out[0],) + a[1:])
   L = cfg.model.length
   return dict(timing=timing, flops=batch * L * train_flops_per_token(cfg.model),
-              tokens=batch * L, shape=f'B={batch} L={L}', batch=batch)
+              tokens=batch * L, shape=f'B={batch} L={L}', batch=batch, params=host_params,
+              forwards=1)
+
+
+def _nondegenerate(params):
+  """Every all-zero parameter (the zero-initialised adaLN and output layers) gets small random
+  values, so that a parity check of logits compares something (timing does not depend on it)."""
+  leaves, treedef = jax.tree.flatten(params)
+
+  @jax.jit
+  def fill(leaves):
+    return [jnp.where(jnp.all(a == 0), 0.02 * jax.random.normal(jax.random.PRNGKey(i), a.shape,
+                                                                 a.dtype), a)
+            for i, a in enumerate(leaves)]
+  return jax.tree.unflatten(treedef, fill(leaves))
 
 
 def _random_teacher_params(model_cfg, seed: int = 0):
-  return jax.jit(lambda: nnx.state(models.build(model_cfg, seed=seed), nnx.Param))()
+  return _nondegenerate(jax.jit(lambda: nnx.state(models.build(model_cfg, seed=seed),
+                                                  nnx.Param))())
 
 
 def run_distill(cfg, batch: int, group: int, warmup: int, iters: int) -> dict:
@@ -382,7 +404,60 @@ def run_sampler(cfg, kind: str, batch: int, steps: int, sparse: bool, warmup: in
     extra.update(projected_rows=float(stats['projected_rows']),
                  dense_fallbacks=float(stats['dense_fallbacks']))
   return dict(timing=timing, flops=flops, tokens=batch * L, shape=shape, batch=batch,
-              steps=int(steps), sparse=bool(sparse), stats=extra)
+              steps=int(steps), sparse=bool(sparse), stats=extra, params=den.params,
+              forwards=int(forwards))
+
+
+# ============================================================================ PyTorch baseline
+
+
+def torch_baseline(workload: str, cfg, res: dict, warmup: int, iters: int,
+                   impls: Sequence[str] = TORCH_IMPLS) -> list:
+  """(impl, result or error text) for torch eager and torch.compile on `res`'s weights and shapes.
+
+  Checks the logits against ours once (bench_torch.check_parity) before timing anything.
+  """
+  from didi_jax import bench_torch as bt  # pylint: disable=import-outside-toplevel
+  device = bt.default_device()
+  autocast = bt.autocast_dtype(cfg.model.compute_dtype)
+  m = cfg.model
+  B, L, mask_id = res['batch'], int(m.length), int(m.vocab_size) - 1
+  model = bt.from_jax(m, res['params'], device)
+  # The parity check runs in float32 whatever is timed (bf16 autocast and our bf16 matmuls
+  # round differently): the same weights must give the same logits.
+  m32 = m.copy_and_resolve_references()
+  with m32.unlocked():
+    m32.compute_dtype = 'float32'
+  gd = models.split_abstract(m32)[0]
+  fwd = jax.jit(lambda p, x, s: nnx.merge(gd, p)(x, s))
+  ids = _tokens(jax.random.PRNGKey(5), min(B, 4), L, int(m.vocab_size))
+  sigma = np.linspace(0.0, 2.0, ids.shape[0]).astype(np.float32)
+  err = bt.check_parity(model, lambda x, s: fwd(res['params'], x, s), ids, sigma)
+  out = []
+  for impl in impls:
+    try:
+      model.train(workload == 'train')
+      net = model if impl == 'torch eager' else bt.compiled(model)
+      counted = bt.Counted(net)
+      calls = []
+      if workload == 'train':
+        x = bt.tokens(B, L, int(m.vocab_size), device)
+        step = bt.make_train_step(model, cfg.pretrain, mask_id, autocast=autocast,
+                                  forward=counted)
+        fn = lambda: calls.append(step(x) is not None)
+      else:
+        fn = lambda: calls.append(bt.ancestral_sample(
+            counted, B, L, mask_id, res['steps'], device=device, autocast=autocast)[1])
+      t = bt.time_fn(fn, warmup=warmup, iters=iters, device=device)
+      work = dict(torch_forwards=(len(counted.shapes) if workload == 'train' else sum(calls))
+                  / len(calls), jax_forwards=res['forwards'],
+                  torch_shapes=sorted({str(s) for s in counted.shapes}))
+      out.append((impl, dict(res, timing=Timing(t['seconds'], t['first_s'], None),
+                             parity_rel_err=err, torch_device=device, work=work)))
+    except Exception as e:  # pylint: disable=broad-except
+      msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+      out.append((impl, f'{type(e).__name__}: {msg}'))
+  return out
 
 
 # ============================================================================ table
@@ -428,7 +503,8 @@ def make_row(workload: str, res: dict, args, dev: DeviceInfo) -> dict:
       tflops=tflops, mfu=tflops / peak_total if peak_total == peak_total else None,
       mfu_ceiling=(tflops / (dev.ceiling_tflops * dev.count)) if dev.ceiling_tflops else None,
       compile_s=t.compile_seconds, memory_gb=t.memory_gb)
-  for k in ('batch', 'group', 'steps', 'sparse', 'stats', 'flops_parts'):
+  for k in ('batch', 'group', 'steps', 'sparse', 'stats', 'flops_parts', 'parity_rel_err',
+            'torch_device', 'work'):
     if k in res:
       row[k] = res[k]
   return row
@@ -457,10 +533,10 @@ def format_table(rows: Sequence[dict], dev: DeviceInfo) -> str:
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in rows:
     if 'error' in r:
-      cells = [r['workload'], f'FAILED: {r["error"]}'] + [''] * (len(head) - 3) + [r['device']]
+      cells = [r['workload'] + _impl(r), f'FAILED: {r["error"]}'] + [''] * (len(head) - 3) + [r['device']]
       lines.append('| ' + ' | '.join(cells) + ' |')
       continue
-    cells = [r['workload'], r['shape'], _fmt_s(r['seconds_median']), _fmt_tok(r['tokens_per_s']),
+    cells = [r['workload'] + _impl(r), r['shape'], _fmt_s(r['seconds_median']), _fmt_tok(r['tokens_per_s']),
              f'{r["tflop_per_iter"]:.4g}', f'{r["tflops"]:.3g}',
              f'{100 * r["mfu"]:.1f}%' if r['mfu'] is not None else 'n/a']
     if show_ceiling:
@@ -489,6 +565,15 @@ def format_table(rows: Sequence[dict], dev: DeviceInfo) -> str:
       note += ' (H100 numbers: not comparable on this device)'
     notes.append(note)
   for r in rows:
+    if 'speedup' in r:
+      w = r['work']
+      notes.append(
+          f'{r["workload"]} {r["shape"]}: {r["impl"]} {r["seconds_median"]:.3f} s/iter = '
+          f'**{r["speedup"]:.2f}x** our time (> 1: ours is faster; same process, same weights, '
+          f'logits max rel. error {r["parity_rel_err"]:.1e}; network calls per iteration ours '
+          f'{w["jax_forwards"]:g} / torch {w["torch_forwards"]:g} on {", ".join(w["torch_shapes"])}'
+          f'; torch on {r["torch_device"]}, "compile s" = its first call)')
+  for r in rows:
     if r['workload'] == 'distill' and 'flops_parts' in r:
       p = r['flops_parts']
       terms = ' + '.join(f'{k} {v / TERA:.4g}T' for k, v in p.items() if k != 'total')
@@ -503,12 +588,21 @@ def format_table(rows: Sequence[dict], dev: DeviceInfo) -> str:
 # ============================================================================ CLI
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Appends "(default: X)" only for real defaults (a None default's help says what happens)."""
+
+  def _get_help_string(self, action):
+    if action.default is None or action.default is False:
+      return action.help
+    return super()._get_help_string(action)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       prog='python -m didi_jax.bench',
       description='Throughput / MFU of the pretrain step, the DiDi iteration and the samplers '
                   'on random-weight networks (see the module docstring for the FLOP formulas).',
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      formatter_class=_HelpFormatter)
   p.add_argument('workload', choices=WORKLOADS + ('all',), help='what to time')
   p.add_argument('--size', choices=SIZES, default='small', help='model size (config.MODEL_SIZES)')
   p.add_argument('--length', type=int, default=None,
@@ -533,6 +627,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--peak_tflops', type=float, default=None,
                  help='peak TFLOP/s per device for MFU (default: vendor dense spec by device kind; '
                       f'CPU: rough cores x {CPU_GHZ} GHz x FLOP/cycle)')
+  p.add_argument('--baseline', choices=BASELINES, default='none',
+                 help='torch: after each train/sample row, time our PyTorch DiT (same weights, '
+                      'logits checked equal first) eagerly and under torch.compile in the same '
+                      "process, with the ratio (needs torch: pip install -e '.[bench]'); "
+                      'torch-eager: the eager row only')
   p.add_argument('--json', type=str, default=None, help='append the rows to this JSONL file')
   args = p.parse_args(argv)
   if args.length is None:
@@ -585,17 +684,52 @@ def run(args: argparse.Namespace) -> list[dict]:
     for name, job in jobs:
       print(f'[bench] {name} ...', file=sys.stderr, flush=True)
       try:
-        row = make_row(name, job(), args, dev)
+        res = job()
+        row = make_row(name, res, args, dev)
       except Exception as e:  # pylint: disable=broad-except
         # One workload failing (e.g. out of memory) must not lose the others' rows.
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         print(f'[bench] {name} FAILED: {type(e).__name__}: {msg}', file=sys.stderr, flush=True)
         rows.append(error_row(name, f'{type(e).__name__}: {msg}', args, dev))
         continue
-      print(f'[bench] {name} {row["shape"]}: {row["seconds_median"]:.4f} s/iter, '
-            f'{_fmt_tok(row["tokens_per_s"])} tok/s (compile {row["compile_s"]:.1f} s)',
-            file=sys.stderr, flush=True)
+      _progress(row)
       rows.append(row)
+      if args.baseline != 'none' and name in TORCH_WORKLOADS and not row.get('sparse'):
+        rows += torch_rows(name, cfg(), res, row, args, dev)
+  return rows
+
+
+def _progress(row: dict):
+  print(f'[bench] {row["workload"]}{_impl(row)} {row["shape"]}: {row["seconds_median"]:.4f} '
+        f's/iter, {_fmt_tok(row["tokens_per_s"])} tok/s (compile {row["compile_s"]:.1f} s)',
+        file=sys.stderr, flush=True)
+
+
+def _impl(row: dict) -> str:
+  return f' ({row["impl"]})' if row.get('impl', 'jax') != 'jax' else ''
+
+
+def torch_rows(name: str, cfg, res: dict, ours: dict, args, dev: DeviceInfo) -> list[dict]:
+  """The PyTorch rows after our row `ours`; each carries `speedup` = its time / ours."""
+  print(f'[bench] {name}: PyTorch baseline ...', file=sys.stderr, flush=True)
+  rows = []
+  impls = TORCH_IMPLS if args.baseline == 'torch' else TORCH_IMPLS[:1]
+  try:
+    results = torch_baseline(name, cfg, res, args.warmup, args.iters, impls)
+  except Exception as e:  # pylint: disable=broad-except
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    results = [(impl, f'{type(e).__name__}: {msg}') for impl in impls]
+  for impl, r in results:
+    if isinstance(r, str):
+      print(f'[bench] {name} ({impl}) FAILED: {r}', file=sys.stderr, flush=True)
+      rows.append(dict(error_row(name, r, args, dev), impl=impl))
+      continue
+    row = dict(make_row(name, dict(r, stats=None), args, dev), impl=impl)
+    del row['stats']                                     # the sampler statistics are ours
+    row['compile_s'] = r['timing'].compile_seconds       # torch: the first call (compiles)
+    row['speedup'] = row['seconds_median'] / ours['seconds_median']
+    _progress(row)
+    rows.append(row)
   return rows
 
 

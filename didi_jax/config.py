@@ -204,6 +204,9 @@ def base_config() -> ml_collections.ConfigDict:
       t0=1e-3,                    # end time of the two-step training rollout (1e-3)
       loss_chunk_len=64,          # positions per fused-loss chunk (0 = whole sequence; the
                                   # largest divisor of L not above it is used)
+      memory_saving='auto',       # 'on': remat the student trunks and chunk the fused vocabulary
+                                  # loss by loss_chunk_len (docs/method.md §7.4); 'off': neither
+                                  # (faster, more memory); 'auto': off on a CPU backend, else on
       log_every=10,               # iterations between metrics rows / progress lines
       sample_every=500,           # small 8/16-NFE sample with judge-free statistics (0: never)
       sample_count=8,             # sequences drawn by that periodic sample
@@ -358,6 +361,7 @@ _CHOICES = {
     'distill.method': ('didi', 'sdtt'),
     'distill.sdtt.divergence': ('reverse_kl', 'forward_kl', 'mse', 'tvd'),
     'distill.real_source': ('data', 'teacher_samples'),
+    'distill.memory_saving': ('auto', 'on', 'off'),
     'distill.init': ('teacher', 'checkpoint'),
     'distill.teacher_sigma': ('zero', 'true'),
     'distill.kl.type': ('jeffrey', 'forward', 'reverse'),

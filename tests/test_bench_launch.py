@@ -178,8 +178,11 @@ def test_cli_help_and_defaults(capsys):
   assert e.value.code == 0
   text = capsys.readouterr().out
   for flag in ('--size', '--length', '--batch', '--steps', '--iters', '--dtype', '--attention',
-               '--sparse', '--warmup', '--peak_tflops', '--json'):
+               '--sparse', '--warmup', '--peak_tflops', '--json', '--baseline'):
     assert flag in text
+  # Flags whose default is None describe it in words: no "(default: None)" after them.
+  assert '(default: None)' not in text and '(default: False)' not in text
+  assert '(default: 5)' in text and '(default: none)' in text
   args = bench.parse_args(['all', '--size', 'demo', '--steps', '8,16,32'])
   assert (args.length, args.vocab, args.steps, args.dtype) == (256, 258, [8, 16, 32], 'float32')
   args = bench.parse_args(['all', '--size', 'small'])

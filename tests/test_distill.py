@@ -558,7 +558,8 @@ def test_step_variants_run():
   teacher-sample real rows, a one-iteration D warm-up, two-pass rollouts, chunked fused terms,
   dropout, teacher σ = true, the importance weight and one τ per group."""
   cfg = tiny_cfg(score_decomposition=False, coupled_time=False, real_source='teacher_samples',
-                 disc_warmup_steps=1, rollout='two_pass', loss_chunk_len=4, dropout=0.1,
+                 disc_warmup_steps=1, rollout='two_pass', loss_chunk_len=4, memory_saving='on',
+                 dropout=0.1,
                  teacher_sigma='true', importance_weight=True,
                  **{'teacher_buffer.size': 16, 'tau.per': 'group'})
   cfg.model.n_blocks = 1                     # halves compile time; same code paths

@@ -8,8 +8,10 @@ Memory (docs/method.md §7.4): the networks return features (B, L, D); the vocab
 log-softmax, the draw, the gathers, the entropy and the Jeffrey terms run per chunk of positions
 (`distill.loss_chunk_len`) inside one rematerialised `lax.map`, so at most one chunk's (N, Lc, V)
 float32 tensors exist at a time, in the forward and in the backward. The student trunks are
-wrapped in `jax.checkpoint`. The student's step-1 forward and the teacher's x_T forward run on
-ONE all-[MASK] row and are broadcast (docs/method.md §7.4).
+wrapped in `jax.checkpoint`. Both savings are for accelerator memory: `distill.memory_saving`
+('auto': off on a CPU backend, where they only cost time) turns them off (one chunk, nothing
+rematerialised). The student's step-1 forward and the teacher's x_T forward run on ONE all-[MASK]
+row and are broadcast (docs/method.md §7.4).
 """
 from __future__ import annotations
 
@@ -254,6 +256,14 @@ def denoiser_net(graphdef: nnx.GraphDef) -> Net:
 # ============================================================================ fused step terms
 
 
+def memory_saving(dcfg: ml_collections.ConfigDict) -> bool:
+  """Whether to rematerialise and chunk (`distill.memory_saving`; 'auto': not on a CPU backend)."""
+  mode = dcfg.get('memory_saving', 'auto')
+  if mode not in ('auto', 'on', 'off'):
+    raise ValueError(f"distill.memory_saving={mode!r} is not valid: use 'auto', 'on' or 'off'")
+  return jax.default_backend() != 'cpu' if mode == 'auto' else mode == 'on'
+
+
 def chunk_size(length: int, requested: int) -> int:
   """The largest divisor of `length` that is <= `requested` (`requested` <= 0: one chunk)."""
   if requested <= 0 or requested >= length:
@@ -265,7 +275,7 @@ def fused_step_terms(key: Array, head_S, head_T, feats_S_RxLxD: Array,
                      feats_draw_RxLxD: Optional[Array], feats_T_RxLxD: Optional[Array],
                      x_RxL: Array, alpha_t, alpha_s_N: Array, *, n_rows: int, mask_id: int,
                      regime: categorical.Regime, kl_type: str, kl_beta: float,
-                     chunk_len: int = 0):
+                     chunk_len: int = 0, remat: bool = True):
   """One ancestral step's draw and differentiable terms, chunked over positions.
 
   R ∈ {1, N}: with R = 1 the single input row is broadcast to N rows for the draw.
@@ -276,6 +286,7 @@ def fused_step_terms(key: Array, head_S, head_T, feats_S_RxLxD: Array,
     feats_draw_RxLxD: features the draw uses ('two_pass'); None = `feats_S` (stop-gradient).
     feats_T_RxLxD: teacher features (no gradient) or None (then the KL is 0).
     x_RxL: step input; alpha_t: α at the input time (scalar or (N,)); alpha_s_N: α at the target.
+    remat: recompute each chunk's vocabulary tensors in the backward pass instead of saving them.
   Returns:
     x_next_NxL (int32, no gradient), lp_at_NxL (log p at x_next), ent_RxL, kl_RxL.
   """
@@ -314,8 +325,9 @@ def fused_step_terms(key: Array, head_S, head_T, feats_S_RxLxD: Array,
       kl = jeffrey(logp_T, logp_S, kl_beta, kl_type)
     return x_next, lp_at, ent, kl
 
-  # Rematerialised: the backward recomputes one chunk's (N, Lc, V) tensors instead of saving all.
-  body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names('x_next'))
+  if remat:
+    # The backward recomputes one chunk's (N, Lc, V) tensors instead of saving all.
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names('x_next'))
   keys = jax.random.split(key, n_chunks)
   xs = (feats_S_RxLxD, feats_draw_RxLxD, feats_T_RxLxD, x_RxL)
   if n_chunks == 1:
@@ -342,7 +354,7 @@ def _no_key(key: Optional[Array], dropout: float) -> Optional[Array]:
 def student_rollout(params_S: PyTree, params_T: PyTree, tau_N: Array, keys: Dict[str, Array], *,
                     net: Net, n_rows: int, length: int, mask_id: int,
                     dcfg: ml_collections.ConfigDict, regime: categorical.Regime,
-                    chunk_len: int = 0):
+                    chunk_len: int = 0, remat: bool = True):
   """The student's training-time generation 1 → τ → t0 (or 1 → t0) with its differentiable terms.
 
   One student forward per step serves the draw (stop-gradient probabilities) and the log-prob
@@ -353,11 +365,13 @@ def student_rollout(params_S: PyTree, params_T: PyTree, tau_N: Array, keys: Dict
     params_S: student params (differentiate the outputs w.r.t. these). params_T: teacher params.
     tau_N: intermediate times. keys: 'roll1', 'roll2', 'drop1', 'drop2', 'drop_draw1',
       'drop_draw2' (dropout keys are used only when dcfg.dropout > 0).
+    remat: rematerialise the student trunks and the fused chunks (`memory_saving`).
   Returns:
     (diff, aux): diff = {'logp_N': trajectory log-prob (logp1 + logp2), 'kl_hi', 'kl_lo', 'ent'}
     (all float32, differentiable); aux = {'x_tau_NxL', 'x_fake_NxL'} int32.
   """
-  features_S = jax.checkpoint(net.features)   # remat the student trunk (docs/method.md §7.4)
+  # remat the student trunk (docs/method.md §7.4)
+  features_S = jax.checkpoint(net.features) if remat else net.features
   kl_on = kl_enabled(dcfg)
   head_S = net.head(params_S)
   head_T = net.head(params_T) if kl_on else None
@@ -379,7 +393,7 @@ def student_rollout(params_S: PyTree, params_T: PyTree, tau_N: Array, keys: Dict
     return fused_step_terms(
         key_draw, head_S, head_T, f_S, f_draw, f_T, x_RxL, diffusion.alpha(t_in), alpha_s_N,
         n_rows=n_rows, mask_id=mask_id, regime=regime, kl_type=dcfg.kl.type,
-        kl_beta=dcfg.kl.beta, chunk_len=chunk_len)
+        kl_beta=dcfg.kl.beta, chunk_len=chunk_len, remat=remat)
 
   x_T_1xL = jnp.full((1, length), mask_id, jnp.int32)
   alpha_0_N = jnp.full((n_rows,), diffusion.alpha(dcfg.t0), jnp.float32)
@@ -458,7 +472,8 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
   L = cfg.model.length
   n_warm = int(d.disc_warmup_steps)
   std_floor = float(d.get('adv_std_floor', ADV_STD_FLOOR))
-  chunk_len = int(d.get('loss_chunk_len', 0))
+  save_memory = memory_saving(d)
+  chunk_len = int(d.get('loss_chunk_len', 0)) if save_memory else 0
   if d.group_norm and G < 2:
     raise ValueError('distill.group_size must be >= 2 for grouped normalisation (or set '
                      '--config.distill.group_norm=False)')
@@ -500,7 +515,7 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
     def rollout_fn(params_S):
       return student_rollout(params_S, teacher_params, tau_N, keys, net=net, n_rows=N,
                              length=L, mask_id=mask_id, dcfg=d, regime=regime,
-                             chunk_len=chunk_len)
+                             chunk_len=chunk_len, remat=save_memory)
     diff, vjp_fn, aux = jax.vjp(rollout_fn, state.student, has_aux=True)
     x_fake_NxL = aux['x_fake_NxL']
 

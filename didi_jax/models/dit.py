@@ -39,6 +39,19 @@ def zeros_init(key, shape, dtype=jnp.float32):
   return jnp.zeros(shape, dtype)
 
 
+def matmul(x_NxI: Array, kernel_IxO: Array, precision=None) -> Array:
+  """x @ kernel over the last axis of x (any leading shape), as ONE 2-D matrix product.
+
+  Same values as `jnp.dot(x, kernel)`; written over (prod(leading), in) so that the backward
+  pass's kernel gradient is a plain (in, rows) x (rows, out) product: for a 3-D x, XLA's CPU
+  backend first transposes the whole output gradient, which made the backward ~2x slower there
+  (BENCHMARKS.md).
+  """
+  lead = x_NxI.shape[:-1]
+  y = jnp.dot(x_NxI.reshape((-1, x_NxI.shape[-1])), kernel_IxO, precision=precision)
+  return y.reshape(lead + (kernel_IxO.shape[-1],))
+
+
 class Linear(nnx.Module):
   """y = x @ kernel + bias, computed in `dtype` (inputs and kernel cast), kernel (in, out)."""
 
@@ -52,7 +65,7 @@ class Linear(nnx.Module):
   def __call__(self, x: Array) -> Array:
     # float32 mode means float32 matmuls (no TF32 on GPUs): parity runs rely on it.
     precision = jax.lax.Precision.HIGHEST if self.dtype == jnp.float32 else None
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), precision=precision)
+    y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype), precision)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -142,6 +155,32 @@ def apply_rotary(x_BxLxHxD: Array, cos_LxD: Array, sin_LxD: Array) -> Array:
   return (x * cos + rot * sin).astype(x_BxLxHxD.dtype)
 
 
+def attention(q_BxLxHxD: Array, k_BxLxHxD: Array, v_BxLxHxD: Array, impl: str) -> Array:
+  """Bidirectional softmax(q kᵀ / √Dh) v per head; (B, L, H, Dh) in and out, in q's dtype.
+
+  `jax.nn.dot_product_attention` with `impl` ('auto': JAX picks; 'xla'; 'cudnn'), except where
+  the program is compiled for a CPU ('auto' and 'xla'): there `cpu_attention`, the same math
+  measured faster on that backend (BENCHMARKS.md). Chosen per compile target
+  (`lax.platform_dependent`), so an ahead-of-time compile for a TPU gets the TPU path.
+  """
+  def library(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, implementation=None if impl == 'auto' else impl)
+  if impl == 'cudnn':
+    return library(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
+  return jax.lax.platform_dependent(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, cpu=cpu_attention,
+                                    default=library)
+
+
+def cpu_attention(q_BxLxHxD: Array, k_BxLxHxD: Array, v_BxLxHxD: Array) -> Array:
+  """`jax.nn.dot_product_attention`'s XLA math (float32 scores, scaled after the product, float32
+  softmax, probabilities cast to v's dtype) written in (B, H, L, Dh) layout."""
+  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
+  s = jnp.einsum('bhld,bhmd->bhlm', q, k, preferred_element_type=jnp.float32)
+  s = s * jnp.float32(1.0 / math.sqrt(q.shape[-1]))
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  return jnp.swapaxes(jnp.einsum('bhlm,bhmd->bhld', p, v), 1, 2)
+
+
 def modulate(x, shift, scale):
   return x * (1.0 + scale) + shift
 
@@ -181,9 +220,7 @@ class DiTBlock(nnx.Module):
     q = apply_rotary(qkv[:, :, 0], cos, sin)
     k = apply_rotary(qkv[:, :, 1], cos, sin)
     v = qkv[:, :, 2]
-    impl = None if self.attention_impl == 'auto' else self.attention_impl
-    a = jax.nn.dot_product_attention(q, k, v, implementation=impl)
-    a = a.reshape(B, L, D)
+    a = attention(q, k, v, self.attention_impl).reshape(B, L, D)
     h = h_BxLxD + gate_a * dropout(self.attn_out(a), rate, k1)
 
     u2 = modulate(self.norm2(h), shift_m, scale_m)
