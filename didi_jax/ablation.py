@@ -525,8 +525,8 @@ class Cells:
       row['per_sample'] = os.path.relpath(
           os.path.join(workdir, sweep.SWEEP_DIR, row['per_sample']), self.out_dir)
     self.rows = [r for r in self.rows if r.get('settings') != settings]   # one without scores
-    samples.write_samples(rcfg, workdir, res, f'ablation_{cell.model}_{cell.sampler}_'
-                                               f'nfe{cell.nfe}_{cell.precision}_seed{rcfg.eval.seed}')
+    samples.write_samples(rcfg, workdir, res,
+                          sweep.cell_name(cell, int(rcfg.eval.seed), prefix='ablation'))
     self.rows.append(row)
     artifacts.write_json(self.path, self.rows)
     self.computed += 1

@@ -4,6 +4,7 @@ Row construction, the table maths on synthetic results, the byte judge against a
 and a tiny end-to-end ablation that is stopped in its second distillation and resumed. Runtime:
 about two minutes on 2 CPU cores.
 """
+import glob
 import json
 import os
 
@@ -504,5 +505,7 @@ def test_compare_end_to_end_stop_in_sdtt_and_resume(teacher_dir, ar_judges, monk
   gap = table['rows'][4]['frontier'][judge_names[0]]['gap']
   assert f'| {gap:.2f} [' in sdtt_line
   assert os.path.getsize(out['curve']) > 1000
+  # The teacher's two temperatures keep two sample files.
+  assert len(glob.glob(os.path.join(cells_dir, 'samples', 'ablation_teacher_*'))) == 2
   again = cli.run_job(cfg, work)
   assert again['distilled'] == [] and again['cells_computed'] == 0

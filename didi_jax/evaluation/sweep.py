@@ -443,7 +443,7 @@ def run_cell(cfg, workdir: str, cell: Cell, models: Models, judge, mesh,
                                   per_sample=scores[other.name])
       row['judges'][other.name] = judge_record(q, other)
   row['per_sample'] = write_per_sample(os.path.join(workdir, SWEEP_DIR),
-                                       _sweep_name(cell, int(e.seed)), ids, scores)
+                                       cell_name(cell, int(e.seed)), ids, scores)
   if mauve_reference is not None:
     row['mauve'] = mauve_record(cfg, judge, texts, mauve_reference(int(ids.shape[1])))
   if x64 and cell.precision == 'float64':
@@ -600,9 +600,11 @@ def _fmt_eta(seconds: float) -> str:
   return common._fmt_time(seconds)  # pylint: disable=protected-access
 
 
-def _sweep_name(cell: Cell, seed: int) -> str:
+def cell_name(cell: Cell, seed: int, prefix: str = 'sweep') -> str:
+  """A cell's file name (samples, per-sample scores): one per model, sampler, NFE, precision,
+  temperature and seed."""
   temp = '' if cell.temperature is None else f'_T{cell.temperature:g}'
-  return f'sweep_{cell.model}_{cell.sampler}_nfe{cell.nfe}_{cell.precision}{temp}_seed{seed}'
+  return f'{prefix}_{cell.model}_{cell.sampler}_nfe{cell.nfe}_{cell.precision}{temp}_seed{seed}'
 
 
 # ------------------------------------------------------------------- per-sample scores, MAUVE
@@ -799,7 +801,7 @@ def run(cfg, workdir: str) -> dict:
       raise
     row['settings'] = settings
     rows.append(row)
-    samples.write_samples(cfg, workdir, res, _sweep_name(cell, int(cfg.eval.seed)))
+    samples.write_samples(cfg, workdir, res, cell_name(cell, int(cfg.eval.seed)))
     computed += 1
     dt = time.time() - t0
     elapsed += dt
