@@ -509,3 +509,9 @@ def test_compare_end_to_end_stop_in_sdtt_and_resume(teacher_dir, ar_judges, monk
   assert len(glob.glob(os.path.join(cells_dir, 'samples', 'ablation_teacher_*'))) == 2
   again = cli.run_job(cfg, work)
   assert again['distilled'] == [] and again['cells_computed'] == 0
+  # A cell whose per-sample scores are gone is computed again (the gap needs them), not reused.
+  os.remove(os.path.join(cells_dir, table['rows'][4]['per_sample']))
+  again = cli.run_job(cfg, work)
+  assert again['cells_computed'] == 1 and again['cells_reused'] == 4
+  rows = json.load(open(again['table_json'], encoding='utf-8'))['rows']
+  assert len(rows) == 5 and rows[4]['frontier'] == table['rows'][4]['frontier']
