@@ -36,7 +36,7 @@ import numpy as np
 
 from didi_jax import artifacts, errors, parallel, samples
 from didi_jax import config as config_lib
-from didi_jax.evaluation import judges, plots, sweep
+from didi_jax.evaluation import judges, metrics, plots, sweep
 from didi_jax.train import family
 
 ABLATION_DIR, ROWS_DIR = 'ablation', 'rows'
@@ -484,13 +484,18 @@ def _result(row_name, seed, row_dict, judge_names) -> dict:
 
 
 class Cells:
-  """The sweep cells of the ablation (cells.json), computed once and reused by settings."""
+  """The sweep cells of the ablation (cells.json), computed once and reused by settings. A row's
+  `per_sample` path is relative to the cells' directory (the sweep's `attach_frontier` reads
+  every row's from there); with the frontier on, a cell without its per-sample file is computed
+  again; with eval.mauve, each row holds its MAUVE record (as the sweep's rows do)."""
 
   def __init__(self, cfg, out_dir: str):
-    self.cfg, self.path = cfg, os.path.join(out_dir, CELLS)
+    self.cfg, self.out_dir, self.path = cfg, out_dir, os.path.join(out_dir, CELLS)
     self.rows = sweep.read_rows(self.path)
     self.judge = None
     self.extra = None
+    self.mauve_reference = None
+    self.needs_scores = sweep.frontier_on(cfg)
     self.mesh = parallel.make_mesh(cfg.mesh)
     self.computed = self.reused = 0
 
@@ -499,20 +504,29 @@ class Cells:
       e = self.cfg.eval
       self.judge = judges.load_judge(e.judge, int(e.judge_context))
       self.extra = judges.load_extra_judges(e)
+      if e.mauve:
+        metrics.require_mauve()
+        self.mauve_reference = sweep.mauve_reference_features(self.cfg, self.judge)
     return self.judge, self.extra
 
   def get(self, rcfg, workdir: str, cell: sweep.Cell, models: sweep.Models, label: str) -> dict:
     settings = sweep.cell_settings(rcfg, cell, models.entries[cell.model])
-    hit = next((r for r in self.rows if r.get('settings') == settings), None)
+    hit = next((r for r in self.rows if r.get('settings') == settings
+                and (not self.needs_scores or sweep.has_scores(r, self.out_dir))), None)
     if hit is not None:
       self.reused += 1
       return hit
     judge, extra = self.judges()
     t0 = time.time()
-    row, res = sweep.run_cell(rcfg, workdir, cell, models, judge, self.mesh, extra)
+    row, res = sweep.run_cell(rcfg, workdir, cell, models, judge, self.mesh, extra,
+                              mauve_reference=self.mauve_reference)
     row['settings'] = settings
-    samples.write_samples(rcfg, workdir, res, f'ablation_{cell.model}_{cell.sampler}_'
-                                               f'nfe{cell.nfe}_{cell.precision}_seed{rcfg.eval.seed}')
+    if row.get('per_sample'):
+      row['per_sample'] = os.path.relpath(
+          os.path.join(workdir, sweep.SWEEP_DIR, row['per_sample']), self.out_dir)
+    self.rows = [r for r in self.rows if r.get('settings') != settings]   # one without scores
+    samples.write_samples(rcfg, workdir, res,
+                          sweep.cell_name(cell, int(rcfg.eval.seed), prefix='ablation'))
     self.rows.append(row)
     artifacts.write_json(self.path, self.rows)
     self.computed += 1

@@ -15,8 +15,11 @@ rows share one run), all distillations run before any cell is judged, cells are 
 settings (WORKDIR/compare/cells.json), and a killed job resumes where it stopped. The teacher's
 cells are the sweep's own plan for the teacher (`sweep.plan`), and the table is the sweep's own
 (`sweep.markdown` over every cell, the teacher's and each row's, the row name as the model), so
-teacher rows and columns the sweep gains appear here too. Outputs: WORKDIR/compare/{table.md,
-table.json, curve.png}.
+teacher rows and columns the sweep gains appear here too: with `sweep.frontier_temperatures` the
+teacher's temperature rows and each student row's gap to that frontier per judge
+(`sweep.attach_frontier`, from the per-sample scores the cells keep), with `eval.mauve` each
+row's MAUVE; the figure is the sweep's curve (its Gen PPL-against-entropy panel draws the
+frontier). Outputs: WORKDIR/compare/{table.md, table.json, curve.png}.
 """
 from __future__ import annotations
 
@@ -112,8 +115,12 @@ def header(cfg, planned) -> list[str]:
       flops = didi_flops(rcfg)
     lines.append(f'- {row.name}: {row.label}; {it} iterations, {flops / 1e12:.4g} training '
                  f'TFLOPs (model FLOPs, didi_jax.bench counts); run in {wd}')
-  return lines + ['', 'Rows: teacher (ancestral), each student at its sampler; model = the row.',
-                  '']
+  temps = config_lib.parse_temperatures(cfg.sweep.frontier_temperatures,
+                                        'sweep.frontier_temperatures')
+  frontier = (f'; the teacher also at T={",".join(f"{t:g}" for t in temps)} (its entropy '
+              'frontier: each student row\'s gap to it per judge)' if temps else '')
+  return lines + ['', f'Rows: teacher (ancestral){frontier}, each student at its sampler; '
+                  'model = the row.', '']
 
 
 def run(cfg, workdir: str) -> dict:
@@ -130,6 +137,8 @@ def run(cfg, workdir: str) -> dict:
   cells = ablation.Cells(cfg, out_dir)
   _, _, rows_ = ablation.evaluate_all(cfg, planned, cells, out_dir, judge_names,
                                       teacher_cells(cfg, out_dir))
+  if sweep.frontier_on(cfg):       # each student row's gap to the teacher's frontier, per judge
+    sweep.attach_frontier(rows_, cfg, out_dir)
   judge, extra = cells.judges()
   e = cfg.eval
   references = {n: sweep.data_reference(cfg, n, judge, extra)

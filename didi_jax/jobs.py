@@ -31,7 +31,8 @@ def check(cfg) -> None:
     judges.check_judge_name(cfg.eval.judge, 'eval.judge')
     for name in config_lib.parse_list(cfg.eval.extra_judges, 'eval.extra_judges'):
       judges.check_judge_name(name, 'eval.extra_judges')
-  if cfg.eval.mauve and cfg.job in ('sweep', 'pipeline') and not config_lib.is_protein(cfg):
+  if cfg.eval.mauve and cfg.job in ('sweep', 'pipeline', 'ablate', 'compare') and \
+      not config_lib.is_protein(cfg):
     metrics.require_mauve()                  # the optional package, named with its pip command
   if cfg.job in ('distill', 'pipeline'):
     distill_curve.check(cfg)

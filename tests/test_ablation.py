@@ -4,6 +4,7 @@ Row construction, the table maths on synthetic results, the byte judge against a
 and a tiny end-to-end ablation that is stopped in its second distillation and resumed. Runtime:
 about two minutes on 2 CPU cores.
 """
+import glob
 import json
 import os
 
@@ -20,7 +21,7 @@ from didi_jax import main as cli
 from didi_jax.checkpoint import exporter
 from didi_jax.checkpoint.manager import Manager
 from didi_jax.distill import sdtt
-from didi_jax.evaluation import judges
+from didi_jax.evaluation import frontier, judges
 from didi_jax.sampling import cost as cost_lib
 from didi_jax.train import common, pretrain
 from tests.test_cli import read_metrics, smoke_cfg
@@ -431,10 +432,13 @@ def test_compare_end_to_end_stop_in_sdtt_and_resume(teacher_dir, ar_judges, monk
                                                     tmp_path):
   root, teacher = teacher_dir
   cfg = ablate_cfg(root, teacher, ar_judges)
-  # DiDi: 3 iterations; SDTT: 'iterations' budget over 2 rounds -> 2 x 2 = 4 iterations.
+  # DiDi: 3 iterations; SDTT: 'iterations' budget over 2 rounds -> 2 x 2 = 4 iterations. The
+  # teacher's frontier at T=0.02 (the tiny teacher is near uniform) and 1 (the grid's teacher
+  # row), and MAUVE.
   over = {'job': 'compare', 'compare.budget': 'iterations', 'distill.num_iterations': 3,
           'distill.sdtt.rounds': 2, 'distill.sdtt.teacher_steps': 8,
-          'distill.sdtt.batch_size': 2, 'distill.sdtt.warmup_steps': 1}
+          'distill.sdtt.batch_size': 2, 'distill.sdtt.warmup_steps': 1,
+          'sweep.frontier_temperatures': '0.02,1.0', 'eval.mauve': True}
   for k, v in over.items():
     ablation._set(cfg, k, v)                                # pylint: disable=protected-access
   work = str(tmp_path / 'c')
@@ -449,18 +453,65 @@ def test_compare_end_to_end_stop_in_sdtt_and_resume(teacher_dir, ar_judges, monk
   rows_dir = os.path.join(work, 'compare', 'rows')
   assert sorted(os.listdir(rows_dir)) == ['didi', 'sdtt']   # DiDi's two rows share one run
   assert sorted(read_metrics(os.path.join(rows_dir, 'sdtt', 'seed1'), 'loss')) == [1, 2, 3, 4]
-  assert out['cells_computed'] == 4                          # teacher + three rows
+  assert out['cells_computed'] == 5                 # teacher at T=1 and 0.02 + three rows
   table = json.load(open(out['table_json'], encoding='utf-8'))
-  got = [(r['model'], r['sampler'], r['nfe']) for r in table['rows']]
-  assert got == [('teacher', 'ancestral', 2), ('didi', 'ancestral', 2), ('didi_rgas', 'rgas', 2),
-                 ('sdtt', 'ancestral', 2)]
+  got = [(r['model'], r['sampler'], r['nfe'], r['temperature']) for r in table['rows']]
+  assert got == [('teacher', 'ancestral', 2, 1.0), ('teacher', 'ancestral', 2, 0.02),
+                 ('didi', 'ancestral', 2, 1.0), ('didi_rgas', 'rgas', 2, 1.0),
+                 ('sdtt', 'ancestral', 2, 1.0)]
+  judge_names = [ar_judges['file'], ar_judges['run']]
   for r in table['rows']:
     assert r['gen_ppl_ci'][0] <= r['gen_ppl'] <= r['gen_ppl_ci'][1]
-    assert sorted(r['judges']) == sorted([ar_judges['file'], ar_judges['run']])
-  assert table['rows'][3]['source'].endswith(os.path.join('sdtt', 'seed1'))
+    assert sorted(r['judges']) == sorted(judge_names)
+    assert 0.0 <= r['mauve']['mauve'] <= 1.0 and r['mauve']['protocol']['num_samples'] == 4
+  assert table['rows'][4]['source'].endswith(os.path.join('sdtt', 'seed1'))
+  # Each student row's gap, per judge, is the frontier of the recorded teacher cells at the row's
+  # entropy (an independent NumPy interpolation of the per-sample scores the cells point to).
+  cells_dir = os.path.join(work, 'compare')
+
+  def scores(r, j):
+    with np.load(os.path.join(cells_dir, r['per_sample'])) as z:
+      k = list(z['judges']).index(j)
+      return z['nll_sum'][k], z['count'][k], z['entropy']
+
+  def point(r, j):
+    nll, count, ent = scores(r, j)
+    return float(np.mean(ent)), float(np.exp(nll.sum() / count.sum()))
+
+  teacher_rows = sorted(table['rows'][:2], key=lambda r: point(r, judge_names[0])[0])
+  for r in table['rows'][2:]:
+    for j in judge_names:
+      (h0, g0), (h1, g1) = [point(t, j) for t in teacher_rows]
+      assert h1 > h0 + 0.1                         # T=0.02 is a distinct point of the frontier
+      h, g = point(r, j)
+      f = np.exp(np.log(g0) + (h - h0) / (h1 - h0) * (np.log(g1) - np.log(g0)))
+      rec = r['frontier'][j]
+      np.testing.assert_allclose([rec['teacher_gen_ppl'], rec['gap'], rec['entropy']],
+                                 [f, g - f, h], rtol=1e-6)
+      assert rec['extrapolated'] == (not min(h0, h1) <= h <= max(h0, h1))
+      # The interval: frontier.gap's bootstrap of those cells, eval.bootstrap resamples.
+      want = frontier.gap(frontier.Samples(*scores(r, j)),
+                          [frontier.Samples(*scores(t, j)) for t in teacher_rows],
+                          n_bootstrap=cfg.eval.bootstrap, seed=cfg.eval.seed)
+      assert rec['gap_ci'] == want['gap_ci'] and rec['verdict'] == want['verdict']
+      assert rec['verdict'] in (('extrapolated',) if rec['extrapolated'] else
+                                ('below', 'above', 'tie'))
   md = open(out['table'], encoding='utf-8').read()
   assert 'DiDi-Instruct against SDTT' in md and '| sdtt | ancestral |' in md
   assert '| didi_rgas | rgas |' in md and "compare.budget='iterations'" in md
+  assert all(f'gap to teacher frontier {j} [95% CI]' in md for j in judge_names)
+  assert '| MAUVE |' in md and 'T=0.02' in md
+  sdtt_line = next(x for x in md.splitlines() if x.startswith('| sdtt | ancestral |'))
+  gap = table['rows'][4]['frontier'][judge_names[0]]['gap']
+  assert f'| {gap:.2f} [' in sdtt_line
   assert os.path.getsize(out['curve']) > 1000
+  # The teacher's two temperatures keep two sample files.
+  assert len(glob.glob(os.path.join(cells_dir, 'samples', 'ablation_teacher_*'))) == 2
   again = cli.run_job(cfg, work)
   assert again['distilled'] == [] and again['cells_computed'] == 0
+  # A cell whose per-sample scores are gone is computed again (the gap needs them), not reused.
+  os.remove(os.path.join(cells_dir, table['rows'][4]['per_sample']))
+  again = cli.run_job(cfg, work)
+  assert again['cells_computed'] == 1 and again['cells_reused'] == 4
+  rows = json.load(open(again['table_json'], encoding='utf-8'))['rows']
+  assert len(rows) == 5 and rows[4]['frontier'] == table['rows'][4]['frontier']

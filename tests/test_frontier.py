@@ -167,10 +167,12 @@ def test_missing_mauve_is_one_line_with_the_pip_command(monkeypatch):
     metrics.mauve(np.zeros((4, 2)), np.zeros((4, 2)))
   assert 'pip install mauve-text' in str(err.value) and '\n' not in str(err.value)
   cfg = config_lib.base_config()
-  cfg.job, cfg.eval.judge, cfg.eval.mauve = 'sweep', 'smollm2', True
-  with pytest.raises(errors.ConfigError, match='pip install mauve-text'):
-    jobs.check(cfg)
-  cfg.eval.mauve = False
+  cfg.eval.judge, cfg.eval.mauve = 'smollm2', True
+  for job in ('sweep', 'pipeline', 'ablate', 'compare'):    # every job whose cells MAUVE scores
+    cfg.job = job
+    with pytest.raises(errors.ConfigError, match='pip install mauve-text'):
+      jobs.check(cfg)
+  cfg.job, cfg.eval.mauve = 'sweep', False
   jobs.check(cfg)
 
 

@@ -56,6 +56,7 @@ from didi_jax.train import common
 MODELS = config_lib.SWEEP_MODELS
 SAMPLERS = config_lib.SWEEP_SAMPLERS
 PRECISIONS = config_lib.PRECISIONS
+SWEEP_DIR = 'sweep'        # WORKDIR/sweep: the job's outputs, each row's per-sample scores
 RESULTS, TABLE, STALE = 'results.json', 'results.md', 'results.stale.json'
 CURVE, CURVE_FLOPS = 'curve.png', 'curve_flops.png'
 
@@ -441,8 +442,8 @@ def run_cell(cfg, workdir: str, cell: Cell, models: Models, judge, mesh,
                                   n_bootstrap=int(e.bootstrap), seed=int(e.seed),
                                   per_sample=scores[other.name])
       row['judges'][other.name] = judge_record(q, other)
-  row['per_sample'] = write_per_sample(os.path.join(workdir, 'sweep'),
-                                       _sweep_name(cell, int(e.seed)), ids, scores)
+  row['per_sample'] = write_per_sample(os.path.join(workdir, SWEEP_DIR),
+                                       cell_name(cell, int(e.seed)), ids, scores)
   if mauve_reference is not None:
     row['mauve'] = mauve_record(cfg, judge, texts, mauve_reference(int(ids.shape[1])))
   if x64 and cell.precision == 'float64':
@@ -554,6 +555,12 @@ FEATURES = {'last': "final-norm hidden state at the last token",
             'mean': 'final-norm hidden states mean-pooled'}
 
 
+def frontier_on(cfg) -> bool:
+  """Whether the teacher's frontier is computed (text data with sweep.frontier_temperatures)."""
+  return not config_lib.is_protein(cfg) and bool(config_lib.parse_temperatures(
+      cfg.sweep.frontier_temperatures, 'sweep.frontier_temperatures'))
+
+
 def attach_frontier(rows: list[dict], cfg, out_dir: str) -> dict:
   """Writes each non-teacher row's frontier record per judge into row['frontier'] (recomputed
   every run); returns {judge: {(nfe, precision): [(temperature, Samples)]}}."""
@@ -593,9 +600,11 @@ def _fmt_eta(seconds: float) -> str:
   return common._fmt_time(seconds)  # pylint: disable=protected-access
 
 
-def _sweep_name(cell: Cell, seed: int) -> str:
+def cell_name(cell: Cell, seed: int, prefix: str = 'sweep') -> str:
+  """A cell's file name (samples, per-sample scores): one per model, sampler, NFE, precision,
+  temperature and seed."""
   temp = '' if cell.temperature is None else f'_T{cell.temperature:g}'
-  return f'sweep_{cell.model}_{cell.sampler}_nfe{cell.nfe}_{cell.precision}{temp}_seed{seed}'
+  return f'{prefix}_{cell.model}_{cell.sampler}_nfe{cell.nfe}_{cell.precision}{temp}_seed{seed}'
 
 
 # ------------------------------------------------------------------- per-sample scores, MAUVE
@@ -618,7 +627,7 @@ def write_per_sample(out_dir: str, name: str, ids: np.ndarray, scores: dict) -> 
   return rel
 
 
-def _has_scores(row: dict, out_dir: str) -> bool:
+def has_scores(row: dict, out_dir: str) -> bool:
   """Whether a row's per-sample file exists (rows of sweeps before the frontier have none)."""
   return bool(row.get('per_sample')) and os.path.exists(os.path.join(out_dir, row['per_sample']))
 
@@ -728,7 +737,7 @@ def _finish_protein(cfg, out_dir, rows, skipped, models, proteins, computed, reu
 
 def run(cfg, workdir: str) -> dict:
   """The sweep job (see the module docstring); returns a summary with the output paths."""
-  out_dir = os.path.join(workdir, 'sweep')
+  out_dir = os.path.join(workdir, SWEEP_DIR)
   os.makedirs(out_dir, exist_ok=True)
   results_path = os.path.join(out_dir, RESULTS)
   models = Models(cfg, workdir)
@@ -748,8 +757,7 @@ def run(cfg, workdir: str) -> dict:
     teacher_source = samples.network_source(cfg, workdir, 'teacher')
   # The frontier's bootstrap reads per-sample scores: a row of an older sweep without them is
   # computed again rather than reused.
-  needs_scores = not protein and bool(config_lib.parse_temperatures(
-      cfg.sweep.frontier_temperatures, 'sweep.frontier_temperatures'))
+  needs_scores = frontier_on(cfg)
   rows: list[dict] = []
   computed = reused = 0
   done_weight, elapsed = 0.0, 0.0
@@ -763,7 +771,7 @@ def run(cfg, workdir: str) -> dict:
     entry = models.entries[cell.model]
     settings = cell_settings(cfg, cell, entry, teacher_source)
     hit = next((j for j in unused if previous[j].get('settings') == settings
-                and (not needs_scores or _has_scores(previous[j], out_dir))), None)
+                and (not needs_scores or has_scores(previous[j], out_dir))), None)
     todo_weight -= cell.weight
     prefix = f'sweep [{i + 1}/{len(cells)}] {cell.label}'
     if hit is not None:
@@ -793,7 +801,7 @@ def run(cfg, workdir: str) -> dict:
       raise
     row['settings'] = settings
     rows.append(row)
-    samples.write_samples(cfg, workdir, res, _sweep_name(cell, int(cfg.eval.seed)))
+    samples.write_samples(cfg, workdir, res, cell_name(cell, int(cfg.eval.seed)))
     computed += 1
     dt = time.time() - t0
     elapsed += dt
