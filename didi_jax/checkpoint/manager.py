@@ -37,7 +37,9 @@ CheckpointError = errors.CheckpointError
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NO_SPACE_TEXT = ('No space left on device', 'Disk quota exceeded', 'ENOSPC', 'EDQUOT')
 _AFTER_FAILED_SAVE = ('cannot schedule new futures after shutdown', 'Save Finalize thread',
-                      'Handler Commit operations', '_SignalingThread.run() raised')
+                      'Handler Commit operations', '_SignalingThread.run() raised',
+                      # asyncio: the failed save's other writers, whose files were removed
+                      'exception was never retrieved', 'Error writing')
 _SAVE_FAILED = {'seen': False}   # set once a save ran out of space: its echoes are dropped
 
 
@@ -92,7 +94,7 @@ def _drop_closed_loop_echo(previous):
 if not getattr(sys.unraisablehook, 'didi_quiet', False):
   sys.unraisablehook = _drop_closed_loop_echo(sys.unraisablehook)
 
-for _name in ('absl', 'orbax', ''):
+for _name in ('absl', 'orbax', 'asyncio', ''):
   if not any(isinstance(f, _QuietOrbax) for f in logging.getLogger(_name).filters):
     logging.getLogger(_name).addFilter(_QuietOrbax())
 
