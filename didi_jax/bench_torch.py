@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from didi_jax.checkpoint import exporter
+
 NEG_INF = -1e6          # SUBS "probability 0" (diffusion.NEG_INF)
 SCHEDULE_EPS = 1e-3     # α_t = 1 − (1 − ε) t (diffusion.EPS)
 EXP_FLOOR = 1e-10       # the race's offsets (categorical.EXP_FLOOR)
@@ -167,7 +169,6 @@ class DiT(nn.Module):
 
 def from_jax(model_cfg, params, device: str = 'cpu') -> DiT:
   """Our DiT with the JAX `params` (an nnx Param state or pure dict), via the official layout."""
-  from didi_jax.checkpoint import exporter  # pylint: disable=import-outside-toplevel
   tensors = exporter.to_official(params, role='dit', model_cfg=model_cfg)
   model = DiT(model_cfg)
   model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in
