@@ -579,3 +579,29 @@ def test_hf_source_without_huggingface_hub(monkeypatch):
   monkeypatch.setitem(sys.modules, 'huggingface_hub', None)   # never touches the network
   with pytest.raises(importer.CheckpointError, match='pip install huggingface_hub'):
     importer.import_teacher('hf:kuleshov-group/mdlm-owt', tiny_cfg())
+
+
+def test_rotary_tables_are_constants_of_the_compiled_forward():
+  """The trunk's rotary tables are evaluated outside the trace (`dit.rotary_constants`): equal to
+  the closed form, and no compiled forward evaluates cos/sin over (L, Dh); traced, XLA's CPU backend
+  fused them into the q/k fusions and evaluated them again per (batch, head) element
+  (BENCHMARKS.md)."""
+  from flax import nnx
+  from didi_jax import models
+  from didi_jax.models import dit
+  cfg = model_config('tiny', vocab_size=258, length=32)
+  cfg.compute_dtype = 'float32'
+  dh = cfg.hidden_size // cfg.n_heads
+  cos, sin = dit.rotary_constants(cfg.length, dh)
+  pos = np.arange(cfg.length, dtype=np.float64)[:, None]
+  ang = pos * 10000.0 ** (-np.arange(0, dh, 2, dtype=np.float64) / dh)[None]
+  ang = np.concatenate([ang, ang], axis=-1)
+  np.testing.assert_allclose(np.asarray(cos), np.cos(ang), atol=2e-6)
+  np.testing.assert_allclose(np.asarray(sin), np.sin(ang), atol=2e-6)
+  gd, params = nnx.split(models.build(cfg, seed=0), nnx.Param)
+  fwd = jax.jit(lambda p, x, s: nnx.merge(gd, p)(x, s))
+  hlo = fwd.lower(params, jnp.zeros((3, cfg.length), jnp.int32), jnp.zeros((3,))).compile().as_text()
+  table = f'f32[{cfg.length},{dh}]'
+  assert not [ln for ln in hlo.splitlines()
+              if (' cosine(' in ln or ' sine(' in ln) and f'= {table}' in ln], \
+      'the rotary tables are evaluated inside the compiled forward'

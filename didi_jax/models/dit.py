@@ -13,11 +13,13 @@ uses. Integer ids ignore it.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from didi_jax.models import interface
@@ -145,6 +147,24 @@ def rotary_tables(length: int, head_dim: int):
   return jnp.cos(emb), jnp.sin(emb)
 
 
+@functools.lru_cache(maxsize=None)
+def _rotary_host(length: int, head_dim: int):
+  with jax.ensure_compile_time_eval():
+    cos, sin = rotary_tables(length, head_dim)
+    return np.asarray(cos), np.asarray(sin)
+
+
+def rotary_constants(length: int, head_dim: int):
+  """`rotary_tables` evaluated once, outside any trace, as constants of the program.
+
+  Traced tables would be fused into the q/k rotary fusions, where XLA's CPU backend evaluates cos
+  and sin again for every (batch, head) element: a quarter of the forward's elementwise time there
+  (BENCHMARKS.md). Same values: the tables are computed by the same jnp code, eagerly.
+  """
+  cos, sin = _rotary_host(int(length), int(head_dim))
+  return jnp.asarray(cos), jnp.asarray(sin)
+
+
 def apply_rotary(x_BxLxHxD: Array, cos_LxD: Array, sin_LxD: Array) -> Array:
   """Non-interleaved rotate-half rotary, computed in float32 and rounded to x's dtype."""
   half = x_BxLxHxD.shape[-1] // 2
@@ -267,7 +287,7 @@ class DiTTrunk(nnx.Module):
     h = self.vocab_embed(x, soft_input)
     L = h.shape[1]
     c = jax.nn.silu(self.sigma_map(sigma_B))
-    cos, sin = rotary_tables(L, self.head_dim)
+    cos, sin = rotary_constants(L, self.head_dim)
     blocks = self.blocks if num_blocks is None else self.blocks[:num_blocks]
     keys = [None] * len(blocks)
     if dropout_key is not None and self.dropout_rate > 0:
