@@ -589,7 +589,7 @@ def distill_all(cfg, planned: Sequence[tuple], job: str) -> dict:
       continue
     print(f'{job} {label}: distilling ({family.method(rcfg)}) into {wd}'
           + (f' (resuming at iteration {step})' if step else ''), flush=True)
-    out = family.run(rcfg, wd)
+    out = family.run(rcfg, wd, reward_judge=judges.reward_judge)
     distilled.append((row.name, s))
     if not out.get('complete'):
       print(f'{job}: {row.name} seed {s} stopped at iteration {out.get("step")} of {total}; run '

@@ -199,6 +199,11 @@ def base_config() -> ml_collections.ConfigDict:
       adv_std_floor=1e-4,         # group spread floor relative to mean |r| (docs/method.md §7.2):
                                   # near-tied groups get ~0 advantages, not float32 noise / 1e-8
       reward_clip=8.0,            # clip of the per-token log-odds reward (official: 8)
+      reward_source='discriminator',  # 'discriminator' (the method) | 'judge': a diagnostic
+                                  # control, the reward is −(mean NLL per byte) of each sample
+                                  # under the byte judge `reward_judge` (docs/method.md §10.2);
+                                  # the discriminator still trains, for its diagnostics
+      reward_judge='demo-bytes',  # byte-level AR judge of reward_source='judge'
       label_smoothing=0.1,        # BCE targets 1−s (real) and s (fake), s in [0, 0.5) (0.1)
       disc_unfreeze_blocks=4,     # last blocks of the discriminator trunk that train (4)
       t0=1e-3,                    # end time of the two-step training rollout (1e-3)
@@ -361,6 +366,7 @@ _CHOICES = {
     'distill.method': ('didi', 'sdtt'),
     'distill.sdtt.divergence': ('reverse_kl', 'forward_kl', 'mse', 'tvd'),
     'distill.real_source': ('data', 'teacher_samples'),
+    'distill.reward_source': ('discriminator', 'judge'),
     'distill.memory_saving': ('auto', 'on', 'off'),
     'distill.init': ('teacher', 'checkpoint'),
     'distill.teacher_sigma': ('zero', 'true'),
@@ -723,6 +729,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         not os.path.exists(os.path.expanduser(path)):
       raise ConfigError(f'{key}={path!r} does not exist: fix the path (or use hf:ORG/NAME, or '
                         f'{", ".join(map(repr, SHIPPED_MODELS))} for the shipped model)')
+  if d.reward_source == 'judge' and (cfg.data.tokenizer != 'byte' or
+                                     d.get('method', 'didi') != 'didi'):
+    raise ConfigError("distill.reward_source='judge' (the oracle reward of docs/method.md §10.2) "
+                      "needs DiDi-Instruct (distill.method='didi') on byte data "
+                      "(data.tokenizer='byte'): the judge reads the student's bytes directly")
   if d.real_source == 'teacher_samples' and \
       d.teacher_buffer.size < d.batch_size * d.group_size:
     raise ConfigError('distill.teacher_buffer.size must be >= distill.batch_size * group_size')

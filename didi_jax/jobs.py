@@ -36,6 +36,8 @@ def check(cfg) -> None:
     metrics.require_mauve()                  # the optional package, named with its pip command
   if cfg.job in ('distill', 'pipeline'):
     distill_curve.check(cfg)
+    if cfg.distill.get('reward_source', 'discriminator') == 'judge':
+      judges.check_judge_name(cfg.distill.reward_judge, 'distill.reward_judge')
   if cfg.job == 'ablate':
     ablation.check(cfg)
   if cfg.job == 'compare':
@@ -73,7 +75,7 @@ def sweep_job(cfg, workdir: str) -> dict:
 
 
 def distill_job(cfg, workdir: str) -> dict:
-  return family.run(cfg, workdir, curve=distill_curve.Curve)
+  return family.run(cfg, workdir, curve=distill_curve.Curve, reward_judge=judges.reward_judge)
 
 
 def _stopped(out: dict, stage: str, total: int) -> dict:

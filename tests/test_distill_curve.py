@@ -390,3 +390,53 @@ def test_rewards_advantages_and_gradient_norms_match_an_independent_computation(
   assert out['diag/grad_norm_total'] == pytest.approx(norm(grads[0]), rel=1e-4)
   assert out['diag/grad_norm_pg'] == pytest.approx(norm(grads[1]), rel=1e-4)
   assert out['diag/grad_norm_reg'] > 0 and out['diag/grad_norm_pg'] > 0 and np.ptp(r) > 0.1
+
+
+# ------------------------------------------------------------------------------ oracle reward
+
+
+def np_bigram_reward(W, x, mask, eos):
+  """−(mean NLL per scored byte) under the bigram judge logits[l] = W[ids[l]], in float64."""
+  out = []
+  for row in np.asarray(x):
+    ids = np.where(row == mask, eos, row)
+    nll = [np.log(np.sum(np.exp(W[ids[l]]))) - W[ids[l], ids[l + 1]]
+           for l in range(len(row) - 1) if row[l + 1] != mask]
+    out.append(-np.mean(nll) if nll else 0.0)
+  return np.asarray(out)
+
+
+def test_oracle_reward_is_minus_the_judges_nll_per_byte_in_the_step():
+  """distill.reward_source='judge' (docs/method.md §10.2): the step's rewards are −(mean NLL per
+  scored byte) of each sample under the judge (a bigram table here, against NumPy), [MASK]s read
+  as EOS and left unscored; the advantages are their grouped z-scores."""
+  eos = MASK - 1
+  W = np.random.default_rng(3).normal(size=(MASK, MASK)).astype(np.float32) * 2.0
+  judge = (lambda ids: jnp.asarray(W)[ids], eos)
+  x = np.array([[1, 2, MASK, 4, 5, MASK, 0, 6], [MASK] * 8, [3] * 8])
+  got = np.asarray(distill.judge_reward(judge[0], jnp.asarray(x), MASK, eos))
+  np.testing.assert_allclose(got, np_bigram_reward(W, x, MASK, eos), rtol=1e-5, atol=1e-6)
+  assert got[1] == 0.0
+  cfg = tiny_cfg(reward_source='judge')
+  d = cfg.distill
+  tp = teacher_params(cfg)
+  sgd, dgd = ds.make_graphdefs(cfg)
+  with pytest.raises(ValueError, match='needs the judge'):
+    distill.make_distill_step(cfg, sgd, dgd)
+  state = ds.init_distill_state(cfg, tp, jax.random.key(1))
+  step = jax.jit(distill.make_distill_step(cfg, sgd, dgd, with_aux=True, judge=judge),
+                 compiler_options=JIT_OPTS)
+  xd = jax.random.randint(jax.random.key(2), (d.batch_size, LENGTH), 0, MASK)
+  _, metrics, aux = step(state, tp, xd, jax.random.key(5))
+  want = np_bigram_reward(W, aux['x_fake_NxL'], MASK, eos)
+  np.testing.assert_allclose(np.asarray(aux['reward_N']), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(aux['adv_N']),
+                             np_group_advantages(want, d.group_size, d.adv_clip)[0],
+                             rtol=1e-4, atol=1e-5)
+  assert float(metrics['reward_mean']) == pytest.approx(want.mean(), rel=1e-5)
+  # Byte data only: the judge reads the student's ids as bytes.
+  bad = config_lib.base_config()
+  bad.distill.reward_source = 'judge'
+  bad.data.tokenizer = 'gpt2'
+  with pytest.raises(config_lib.ConfigError, match='byte data'):
+    config_lib.validate(bad)

@@ -117,6 +117,22 @@ def reward_from_logits(d_NxL: Array, mk_NxL: Array, clip: float) -> Array:
   return jnp.sum(mk * log_odds(d_NxL, clip), axis=-1) / jnp.maximum(1.0, jnp.sum(mk, axis=-1))
 
 
+def judge_reward(logits_fn: Callable[[Array], Array], x_NxL: Array, mask_id: int,
+                 eos_id: int) -> Array:
+  """The oracle reward of `distill.reward_source='judge'` (docs/method.md §10.2): per row,
+  −(mean NLL per byte) of the sample under a causal byte LM, float32 (N,).
+
+  `logits_fn(ids_NxL) -> (N, L, V_judge)` is the judge. [MASK] positions (a few can remain at
+  t0) are read as EOS and their bytes are not scored; a row with nothing to score gets 0.
+  """
+  ids = jnp.where(x_NxL == mask_id, eos_id, x_NxL).astype(jnp.int32)
+  logits = logits_fn(ids)[:, :-1].astype(jnp.float32)
+  target = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+  nll = jax.nn.logsumexp(logits, axis=-1) - target
+  scored = (x_NxL[:, 1:] != mask_id).astype(jnp.float32)
+  return -jnp.sum(scored * nll, axis=-1) / jnp.maximum(1.0, jnp.sum(scored, axis=-1))
+
+
 def group_spread(r_N: Array, group_size: int, std_floor: float) -> Tuple[Array, Array, Array]:
   """Per-group mean, the floored spread max(std_G(ddof=1), δ_g) and whether the floor bound.
 
@@ -448,7 +464,8 @@ def _masked_frac(pred_NxL, mk_NxL) -> Array:
 
 
 def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.GraphDef,
-                      disc_graphdef: nnx.GraphDef, *, with_aux: bool = False):
+                      disc_graphdef: nnx.GraphDef, *, with_aux: bool = False,
+                      judge: Optional[Tuple[Callable[[Array], Array], int]] = None):
   """Builds step(state, teacher_params, x_data_BxL, key) -> (state, metrics) (docs/method.md §7.1).
 
   A pure function of its arguments, to be wrapped by the caller in
@@ -461,6 +478,10 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
   intermediate of the iteration (τ, t_c, the rollout's x_τ and x_fake, both corruptions, the
   discriminator logits before and after its update, rewards, advantages, ω, trajectory
   log-probs, both gradients), so an independent reference can recompute the iteration.
+
+  `judge` = (logits_fn, eos_id), needed by (and only used with) `distill.reward_source='judge'`:
+  the rewards are then `judge_reward` of the student's samples instead of the discriminator's
+  log-odds (a diagnostic control; the discriminator still trains).
   """
   d = cfg.distill
   net = denoiser_net(student_graphdef)
@@ -477,6 +498,10 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
   if d.group_norm and G < 2:
     raise ValueError('distill.group_size must be >= 2 for grouped normalisation (or set '
                      '--config.distill.group_norm=False)')
+  oracle = d.get('reward_source', 'discriminator') == 'judge'
+  if oracle and judge is None:
+    raise ValueError("distill.reward_source='judge' needs the judge: make_distill_step(..., "
+                     'judge=(logits_fn, eos_id))')
   if n_warm < 0 or n_warm >= d.num_iterations:
     raise ValueError(f'distill.disc_warmup_steps={n_warm} must lie in [0, num_iterations)')
 
@@ -545,7 +570,10 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
     # ---- rewards from the UPDATED discriminator (stored u/v, no gradient)
     disc_new = nnx.merge(disc_graphdef, disc_train, state.disc_frozen, spectral)
     d_rew_NxL = jax.lax.stop_gradient(disc_new(z_fake_NxL, sig_c_N, update_spectral=False))
-    r_N = reward_from_logits(d_rew_NxL, mk_fake_NxL, d.reward_clip)
+    if oracle:
+      r_N = jax.lax.stop_gradient(judge_reward(judge[0], x_fake_NxL, mask_id, judge[1]))
+    else:
+      r_N = reward_from_logits(d_rew_NxL, mk_fake_NxL, d.reward_clip)
     adv_N = group_advantages(r_N, G, d.adv_clip, d.group_norm, std_floor)
     w_N = omega(t_c_N, d)
     wa_N = jax.lax.stop_gradient(w_N * adv_N)

@@ -310,6 +310,25 @@ def load_byte_judge(name: str, context: int, dtype=jnp.float32,
   return Judge(name, model, tokenizer, context, tok.eos_id, mesh=mesh)
 
 
+def reward_judge(cfg):
+  """(logits_fn, eos_id) of `distill.reward_judge` for `distill.reward_source='judge'` (the
+  oracle reward of docs/method.md §10.2): a byte-level AR judge whose length covers the
+  student's rows, float32; logits_fn(ids (N, L)) -> (N, L, 257) closes over its weights."""
+  name = cfg.distill.reward_judge
+  source = demo_bytes_path() if name == DEMO_BYTES else name
+  model, model_cfg = load_byte_lm(source, jnp.float32)
+  if int(model_cfg.vocab_size) != BYTE_VOCAB:
+    raise errors.CheckpointError(
+        f'distill.reward_judge={name!r} has vocab {model_cfg.vocab_size}, not the byte '
+        f"tokenizer's {BYTE_VOCAB}: use a byte-level AR judge such as {DEMO_BYTES!r}")
+  if int(model_cfg.length) < int(cfg.model.length):
+    raise errors.ConfigError(
+        f'distill.reward_judge={name!r} reads {model_cfg.length} bytes, fewer than the '
+        f"student's rows ({cfg.model.length}): use a judge at least that long")
+  graphdef, state = nnx.split(model)
+  return (lambda ids: nnx.merge(graphdef, state)(ids)), get_tokenizer('byte').eos_id
+
+
 def max_context(name: str) -> Optional[int]:
   """The longest context of a byte judge (its model length) without loading weights; None for
   other judges."""

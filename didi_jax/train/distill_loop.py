@@ -82,7 +82,7 @@ class Distiller:
   (`teacher_params` is then None): what `didi_jax.aot` compiles ahead of time.
   """
 
-  def __init__(self, cfg, teacher, devices=None):
+  def __init__(self, cfg, teacher, devices=None, judge=None):
     self.cfg = cfg
     self.mesh = parallel.make_mesh(cfg.mesh, devices)
     div = parallel.batch_divisor(self.mesh)
@@ -99,7 +99,7 @@ class Distiller:
         self.mesh, abstract_teacher_params(cfg) if teacher is None else self.teacher_params)
     rep = parallel.replicated(self.mesh)
     self.run_key = jax.random.PRNGKey(cfg.seed)
-    step = distill.make_distill_step(cfg, self.student_gd, self.disc_gd)
+    step = distill.make_distill_step(cfg, self.student_gd, self.disc_gd, judge=judge)
     self.step = jax.jit(step, in_shardings=(self.state_sh, self.teacher_sh,
                                             parallel.batch_sharding(self.mesh), rep),
                         out_shardings=(self.state_sh, rep), donate_argnums=(0,))
@@ -171,18 +171,29 @@ def fill_teacher_buffer(runner: Distiller, state, teacher, cfg, step: int, count
 PROGRESS_KEYS = ('d_loss', 'd_acc_real', 'd_acc_fake', 'reward_mean', 'kl_hi', 'kl_lo', 'entropy')
 
 
-def run(cfg, workdir: str, curve: Optional[Callable[..., Any]] = None) -> dict:
+def run(cfg, workdir: str, curve: Optional[Callable[..., Any]] = None,
+        reward_judge: Optional[Callable[[Any], Any]] = None) -> dict:
   """The `distill` job.
 
   `curve(cfg, workdir, runner, teacher) -> fn(step, state) -> metrics`: the learning curve
   (evaluation/distill_curve.Curve, passed in by the job layer, which may load judges), called
   every `distill.eval_every` iterations, at the last one and, on a fresh start, at iteration 0.
+  `reward_judge(cfg) -> (logits_fn, eos_id)`: the judge of `distill.reward_source='judge'`
+  (loaded by the job layer, evaluation/judges.reward_judge), called only when that is set.
   """
   d = cfg.distill
   os.makedirs(workdir, exist_ok=True)
   teacher = load_teacher(cfg)
   cfg = teacher_config(cfg, teacher)
-  runner = Distiller(cfg, teacher)
+  judge = None
+  if d.get('reward_source', 'discriminator') == 'judge':
+    if reward_judge is None:
+      raise ValueError("distill.reward_source='judge' needs the job layer's judge loader "
+                       '(run it as the distill job: python -m didi_jax.main ...)')
+    judge = reward_judge(cfg)
+    print(f'distill: rewards from the judge {d.reward_judge} (distill.reward_source=judge, '
+          'a diagnostic control: docs/method.md §10.2)', flush=True)
+  runner = Distiller(cfg, teacher, judge=judge)
   teacher = loader.Network('teacher', cfg.model, teacher.graphdef, runner.teacher_params)
   mngr = Manager(os.path.join(workdir, 'checkpoints'), keep=cfg.checkpoint.keep,
                  async_save=cfg.checkpoint.async_save)

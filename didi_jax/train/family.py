@@ -13,16 +13,17 @@ def method(cfg) -> str:
   return str(cfg.distill.get('method', 'didi'))
 
 
-def run(cfg, workdir: str, curve=None) -> dict:
+def run(cfg, workdir: str, curve=None, reward_judge=None) -> dict:
   """The `distill` job of the configured method. `curve` (the learning-curve hook, built by the
   job layer: evaluation/distill_curve.py) is DiDi-Instruct's: its diagnostics read the
-  discriminator, which SDTT does not have, so an SDTT run logs no curve and says so."""
+  discriminator, which SDTT does not have, so an SDTT run logs no curve and says so.
+  `reward_judge`: the judge loader of DiDi's `distill.reward_source='judge'` (job layer)."""
   if method(cfg) == 'sdtt':
     if curve is not None and int(cfg.distill.get('eval_every', 0)) > 0:
       print('distill: the learning curve (distill.eval_every) is drawn for DiDi-Instruct runs '
             'only; this SDTT run logs its losses without it', flush=True)
     return sdtt_loop.run(cfg, workdir)
-  return distill_loop.run(cfg, workdir, curve=curve)
+  return distill_loop.run(cfg, workdir, curve=curve, reward_judge=reward_judge)
 
 
 def total_iterations(cfg) -> int:
