@@ -92,6 +92,33 @@ def test_extrapolation_is_flagged_never_a_verdict():
   assert rec['gap'] == pytest.approx(-1.0, rel=1e-12)
 
 
+@pytest.mark.parametrize('h,ppl,verdict,end_ppl', [
+    (4.5, 30.0, 'dominates', 40.0),       # hotter than every point and below the hottest (40)
+    (4.5, 50.0, 'extrapolated', 40.0),    # hotter and above: the frontier may rise that far
+    (1.5, 12.0, 'dominated', 10.0),       # colder than every point and above the coldest (10)
+    (1.5, 8.0, 'extrapolated', 10.0),     # colder and below: a colder teacher may do as well
+])
+def test_outside_the_range_dominance_decides_against_the_end_point(h, ppl, verdict, end_ppl):
+  """The frontier rises with entropy, so beyond its range only dominance gives a verdict: the
+  row's Gen PPL against the nearest END point's (not the extended segment), with its interval."""
+  rec = frontier.gap(alike(16, h, ppl), FRONTIER, n_bootstrap=100, seed=4)
+  assert rec['extrapolated'] and rec['verdict'] == verdict
+  assert rec['end_gen_ppl'] == pytest.approx(end_ppl, rel=1e-12)
+  assert rec['end_gap'] == pytest.approx(ppl - end_ppl, rel=1e-12)
+  assert rec['end_gap_ci'] == pytest.approx([ppl - end_ppl] * 2, rel=1e-12)
+  # Without resamples the sign decides; inside the range there is no end point.
+  assert frontier.gap(alike(16, h, ppl), FRONTIER)['verdict'] == verdict
+  assert 'end_gap' not in frontier.gap(alike(16, 3.0, 15.0), FRONTIER)
+  # An interval that straddles the end point's Gen PPL gives no verdict.
+  spread = frontier.gap(mixed(4.5, [20.0, 80.0] * 8), FRONTIER, n_bootstrap=400, seed=5)
+  assert spread['end_gap'] == pytest.approx(0.0, abs=1e-9)
+  assert spread['end_gap_ci'][0] < 0 < spread['end_gap_ci'][1]
+  assert spread['verdict'] == 'extrapolated'
+  # The extended segment would call the hotter row 'below' by far more (F(4.5) = 80): dominance
+  # reads the end point only.
+  assert rec['teacher_gen_ppl'] != pytest.approx(rec['end_gen_ppl'])
+
+
 def test_row_records_from_sweep_rows():
   """frontier_points picks the teacher's plain rows per temperature; a row at an NFE without a
   frontier gets a note, not a number."""

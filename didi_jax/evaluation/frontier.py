@@ -10,6 +10,13 @@ G_row − F(h_row): negative means below the frontier. Its 95% interval is a per
 that resamples the row's samples and each frontier point's samples independently and recomputes
 every Gen PPL and entropy, the interpolation included.
 
+Outside the range, dominance still decides when it can: the frontier rises with entropy (a hotter
+teacher is less predictable), so a row at MORE entropy than the hottest point and a Gen PPL
+significantly BELOW that point's beats the teacher at its entropy ('dominates'), and a row at LESS
+entropy than the coldest point with a Gen PPL significantly ABOVE that point's is worse
+('dominated'). Neither uses the extended segment: the end gap G_row − G_end has its own bootstrap
+interval (the same resamples).
+
 Host-side NumPy on per-sample arrays: the judge's counted NLL sum and token count per sample
 (Gen PPL is the token-weighted corpus value, docs/method.md §10) and the unigram entropy per sample.
 """
@@ -74,22 +81,41 @@ def _gap(row: Samples, points: Sequence[Samples]) -> tuple[float, float, float, 
   return g - f, f, h, extrap
 
 
+def _end_point(h: float, points: Sequence[Samples]) -> Optional[int]:
+  """Index of the hottest point when h lies above every point's entropy, of the coldest when
+  below all; None inside the range."""
+  hs = [p.point()[0] for p in points]
+  if h > max(hs):
+    return int(np.argmax(hs))
+  if h < min(hs):
+    return int(np.argmin(hs))
+  return None
+
+
 def gap(row: Samples, points: Sequence[Samples], *, n_bootstrap: int = 0, seed: int = 0,
         level: float = metrics.CI_LEVEL) -> dict:
   """The row's frontier record: {'entropy', 'gen_ppl', 'teacher_gen_ppl' (F at the row's entropy),
-  'gap', 'gap_ci' (None without resamples), 'extrapolated', 'verdict'}.
+  'gap', 'gap_ci' (None without resamples), 'extrapolated', 'verdict'}, and outside the range
+  'end_gen_ppl' / 'end_gap' / 'end_gap_ci' (against the nearest end point, see the module).
 
   verdict: 'below' (the interval lies under 0: the row beats the teacher at its entropy),
-  'above', 'tie' (the interval straddles 0), or 'extrapolated' (outside the frontier's entropy
-  range: no verdict). Without resamples the sign of the gap decides below / above."""
+  'above', 'tie' (the interval straddles 0); outside the frontier's entropy range 'dominates'
+  (hotter than every point and significantly below the hottest), 'dominated' (colder than every
+  point and significantly above the coldest) or 'extrapolated' (no verdict). Without resamples
+  the signs decide."""
   g_gap, f, h, extrap = _gap(row, points)
-  ci = None
+  end = _end_point(h, points) if extrap else None
+  end_gap = None if end is None else row.point()[1] - points[end].point()[1]
+  ci = end_ci = None
   if n_bootstrap > 0:
     rng = np.random.default_rng(seed)
     stats = np.empty((n_bootstrap,), np.float64)
+    end_stats = np.empty((n_bootstrap,), np.float64)
     for b in range(n_bootstrap):
       r = row.take(rng.integers(0, row.size, row.size))
       ps = [p.take(rng.integers(0, p.size, p.size)) for p in points]
+      if end is not None:
+        end_stats[b] = r.point()[1] - ps[end].point()[1]
       try:
         stats[b] = _gap(r, ps)[0]
       except ValueError:        # a resample whose frontier points share one entropy
@@ -97,14 +123,27 @@ def gap(row: Samples, points: Sequence[Samples], *, n_bootstrap: int = 0, seed: 
     tail = 100.0 * (1.0 - level) / 2.0
     lo, hi = np.nanpercentile(stats, [tail, 100.0 - tail])
     ci = [float(lo), float(hi)]
+    if end is not None:
+      lo, hi = np.percentile(end_stats, [tail, 100.0 - tail])
+      end_ci = [float(lo), float(hi)]
   if extrap:
     verdict = 'extrapolated'
+    if end is not None:
+      hotter = h > points[end].point()[0]
+      lo, hi = end_ci if end_ci is not None else (end_gap, end_gap)
+      if hotter and hi < 0:
+        verdict = 'dominates'
+      elif not hotter and lo > 0:
+        verdict = 'dominated'
   elif ci is None:
     verdict = 'below' if g_gap < 0 else 'above'
   else:
     verdict = 'below' if ci[1] < 0 else ('above' if ci[0] > 0 else 'tie')
-  return {'entropy': h, 'gen_ppl': g_gap + f, 'teacher_gen_ppl': f, 'gap': g_gap, 'gap_ci': ci,
-          'extrapolated': extrap, 'verdict': verdict}
+  out = {'entropy': h, 'gen_ppl': g_gap + f, 'teacher_gen_ppl': f, 'gap': g_gap, 'gap_ci': ci,
+         'extrapolated': extrap, 'verdict': verdict}
+  if end is not None:
+    out.update(end_gen_ppl=points[end].point()[1], end_gap=end_gap, end_gap_ci=end_ci)
+  return out
 
 
 def frontier_points(rows: Sequence[dict], per_sample: dict, judge: str) -> dict:

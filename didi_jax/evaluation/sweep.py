@@ -469,8 +469,12 @@ def _fmt_frontier(rec: Optional[dict]) -> str:
     return ''
   if 'gap' not in rec:
     return '–'
-  return (f'{_fmt_ci(rec["gap"], rec.get("gap_ci"), 2)} (teacher {rec["teacher_gen_ppl"]:.2f}) '
+  text = (f'{_fmt_ci(rec["gap"], rec.get("gap_ci"), 2)} (teacher {rec["teacher_gen_ppl"]:.2f}) '
           f'{rec["verdict"]}')
+  if rec['verdict'] in ('dominates', 'dominated'):
+    text += (f' (end point {rec["end_gen_ppl"]:.2f}: '
+             f'{_fmt_ci(rec["end_gap"], rec.get("end_gap_ci"), 2)})')
+  return text
 
 
 def _sampler_label(r: dict) -> str:
@@ -548,9 +552,12 @@ FRONTIER_NOTE = (
     'rows; "teacher" is its Gen PPL at the row\'s entropy (log Gen PPL linear in entropy between '
     'the two bracketing temperatures), the gap is the row\'s Gen PPL minus it (negative: below '
     'the frontier; "below", the row beats the teacher at equal entropy, only when the whole '
-    'interval is negative, "tie" when it straddles 0). "extrapolated": the row\'s entropy lies '
-    'outside the frontier\'s range (no verdict). Interval: bootstrap over the row\'s and the '
-    'frontier points\' samples.')
+    'interval is negative, "tie" when it straddles 0). Outside the frontier\'s entropy range: '
+    '"dominates" when the row is hotter than every teacher point and its Gen PPL lies '
+    'significantly below the hottest point\'s, "dominated" when it is colder than every point '
+    'and significantly above the coldest point\'s (the frontier rises with entropy; "end point" '
+    'gives that point\'s Gen PPL and the row\'s difference to it), "extrapolated" otherwise (no '
+    'verdict). Interval: bootstrap over the row\'s and the frontier points\' samples.')
 FEATURES = {'last': "final-norm hidden state at the last token",
             'mean': 'final-norm hidden states mean-pooled'}
 
