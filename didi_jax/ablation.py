@@ -248,12 +248,21 @@ def row_config(cfg, row: Row, seed_index: int = 0):
 _NOT_TRAINING = ('job', 'sample', 'eval', 'sweep', 'ablation', 'compare', 'logging')
 
 
+# Settings added after runs were recorded, with the value every earlier run had: left out of the
+# key at that value, so a row trained before they existed is still recognised (and reused).
+_LATE_DEFAULTS = {('distill', 'reward_source'): 'discriminator',
+                  ('distill', 'reward_judge'): 'demo-bytes'}
+
+
 def training_key(rcfg) -> dict:
   """The settings a distillation depends on (rows with equal keys share one run)."""
   d = json.loads(json.dumps(rcfg.to_dict(), default=artifacts.json_default))
   for k in _NOT_TRAINING:
     d.pop(k, None)
   d.get('sampler', {}).pop('kind', None)
+  for (section, name), value in _LATE_DEFAULTS.items():
+    if d.get(section, {}).get(name, value) == value:
+      d.get(section, {}).pop(name, None)
   return d
 
 

@@ -10,6 +10,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -122,6 +123,15 @@ def test_extra_rows_are_parsed_and_bad_ones_named():
   # Equal training settings share one distillation (the sampler is not one of them).
   assert ablation.training_key(ablation.row_config(cfg, rows[2])) == ablation.training_key(
       ablation.row_config(cfg, rows[0]))
+  # A row recorded before distill.reward_source / reward_judge existed is still recognised: at
+  # their defaults they are not part of the key, at another value they are.
+  full = ablation.row_config(cfg, rows[0])
+  old_run = json.loads(json.dumps(full.to_dict()))
+  del old_run['distill']['reward_source'], old_run['distill']['reward_judge']
+  old_key = ablation.training_key(ml_collections.ConfigDict(old_run))
+  assert ablation.training_key(full) == old_key
+  full.distill.reward_source = 'judge'
+  assert ablation.training_key(full) != old_key
   for extra, fragment in [('nocolon', 'before a colon'), ('x:distill.nope=1', 'unknown config key'),
                           ('x:distill.kl.beta', 'not key=value'), ('x:distill.kl.beta=a',
                                                                    'must be a number'),
