@@ -182,13 +182,10 @@ def get_config(preset: str = ''):
     # over 10k iterations per round on 169M). Then 64 samples per cell at NFE 8 and 16 (teacher
     # also 32, 64), judged by SmolLM2 and the byte judge, with the teacher's entropy frontier at
     # T=0.9, 0.95, 1 (the teacher's entropy drops ~0.04 nats per 0.05 of temperature; the
-    # students sit within ~0.03 nats of it) and MAUVE (SmolLM2 features) for every row. Not run
-    # to completion yet. Timed on 2 shared CPU cores (load ~11, 2026-12-06; each method's jitted
-    # step on the shipped teacher, median after compilation): one SDTT iteration 2.5 s, one DiDi
-    # iteration 9.5 s, so 1113 SDTT iterations ~46 min against DiDi's 300 ~48 min (equal FLOPs ~
-    # equal wall-clock here), plus 18 sweep cells (teacher 4 NFEs x 3 temperatures, each extra
-    # temperature one teacher row per teacher NFE; 3 student rows x 2 NFEs; ~1.6 min each in the
-    # demo ablation, MAUVE's SmolLM2 feature pass on top, not timed): about 2-2.5 h in all.
+    # students sit within ~0.03 nats of it) and MAUVE (SmolLM2 features) for every row. Run to
+    # completion on 2026-12-06 (README, "The demo comparison as it came out"): 66 min on 2 CPU
+    # cores shared with other jobs (both distillations ~40 min, the 18 sweep cells ~25 min:
+    # teacher 4 NFEs x 3 temperatures, 3 student rows x 2 NFEs).
     cfg.job = 'compare'
     cfg.distill.sample_every = 0         # no periodic samples: the sweep measures each row
     cfg.distill.eval_every = 0           # no learning curve: the rows run as the ablation's do
