@@ -30,6 +30,7 @@ from jax.ad_checkpoint import checkpoint_name
 from didi_jax import diffusion
 from didi_jax.distill.common import PROB_ZERO, kl_per_position  # noqa: F401 (public here too)
 from didi_jax.distill.common import is_prob as _is_prob
+from didi_jax.models import gpt2
 from didi_jax.models.discriminator import Spectral
 from didi_jax.sampling import categorical
 from didi_jax.train import common
@@ -126,9 +127,7 @@ def judge_reward(logits_fn: Callable[[Array], Array], x_NxL: Array, mask_id: int
   t0) are read as EOS and their bytes are not scored; a row with nothing to score gets 0.
   """
   ids = jnp.where(x_NxL == mask_id, eos_id, x_NxL).astype(jnp.int32)
-  logits = logits_fn(ids)[:, :-1].astype(jnp.float32)
-  target = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
-  nll = jax.nn.logsumexp(logits, axis=-1) - target
+  nll = gpt2.next_token_nll(logits_fn(ids), ids)
   scored = (x_NxL[:, 1:] != mask_id).astype(jnp.float32)
   return -jnp.sum(scored * nll, axis=-1) / jnp.maximum(1.0, jnp.sum(scored, axis=-1))
 

@@ -41,6 +41,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from didi_jax import errors, models
+from didi_jax.models import gpt2
 from didi_jax.checkpoint import importer
 from didi_jax.checkpoint import loader
 from didi_jax.checkpoint import hub
@@ -208,9 +209,7 @@ class Judge:
 
 def _token_nll(graphdef, state, ids_BxC):
   """NLL of ids[:, 1:] under the model, float32 (B, C−1)."""
-  logits = nnx.merge(graphdef, state)(ids_BxC)[:, :-1].astype(jnp.float32)
-  target = jnp.take_along_axis(logits, ids_BxC[:, 1:, None], axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits, axis=-1) - target
+  return gpt2.next_token_nll(nnx.merge(graphdef, state)(ids_BxC), ids_BxC)
 
 
 def _pooled_features(graphdef, state, ids_BxC, lengths_B, pool: str):

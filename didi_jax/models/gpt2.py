@@ -23,6 +23,13 @@ Array = jax.Array
 
 GPT2_EOS = 50256
 
+
+def next_token_nll(logits_BxLxV: Array, ids_BxL: Array) -> Array:
+  """−log p(ids[:, l+1] | ids[:, ≤l]) from a causal LM's logits, float32 (B, L−1)."""
+  logits = logits_BxLxV[:, :-1].astype(jnp.float32)
+  target = jnp.take_along_axis(logits, ids_BxL[:, 1:, None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits, axis=-1) - target
+
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
   """GPT-2 sizes. Defaults are GPT-2 small (124M)."""
