@@ -13,6 +13,7 @@ import numpy as np
 
 from didi_jax import ablation, compare, samples
 from didi_jax import config as config_lib
+from didi_jax.distill import didi
 from didi_jax.evaluation import distill_curve, evaluate, judges, metrics, sweep
 from didi_jax.train import family, pretrain
 
@@ -36,7 +37,7 @@ def check(cfg) -> None:
     metrics.require_mauve()                  # the optional package, named with its pip command
   if cfg.job in ('distill', 'pipeline'):
     distill_curve.check(cfg)
-    if cfg.distill.get('reward_source', 'discriminator') == 'judge':
+    if didi.judge_rewarded(cfg.distill):
       judges.check_judge_name(cfg.distill.reward_judge, 'distill.reward_judge')
   if cfg.job == 'ablate':
     ablation.check(cfg)

@@ -63,6 +63,11 @@ def sample_tau(key: Array, n: int, tau_cfg: ml_collections.ConfigDict,
   return jnp.repeat(t, group) if per_group else t
 
 
+def judge_rewarded(dcfg: ml_collections.ConfigDict) -> bool:
+  """Whether the rewards come from a judge (`distill.reward_source='judge'`, docs/method.md §10.2)."""
+  return dcfg.get('reward_source', 'discriminator') == 'judge'
+
+
 def kl_enabled(dcfg: ml_collections.ConfigDict) -> bool:
   """Whether the Jeffrey/KL regulariser has a non-zero weight (else the teacher is not called)."""
   return dcfg.kl.scale * max(abs(dcfg.kl.coef_hi), abs(dcfg.kl.coef_lo)) != 0
@@ -497,7 +502,7 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
   if d.group_norm and G < 2:
     raise ValueError('distill.group_size must be >= 2 for grouped normalisation (or set '
                      '--config.distill.group_norm=False)')
-  oracle = d.get('reward_source', 'discriminator') == 'judge'
+  oracle = judge_rewarded(d)
   if oracle and judge is None:
     raise ValueError("distill.reward_source='judge' needs the judge: make_distill_step(..., "
                      'judge=(logits_fn, eos_id))')

@@ -186,7 +186,7 @@ def run(cfg, workdir: str, curve: Optional[Callable[..., Any]] = None,
   teacher = load_teacher(cfg)
   cfg = teacher_config(cfg, teacher)
   judge = None
-  if d.get('reward_source', 'discriminator') == 'judge':
+  if distill.judge_rewarded(d):
     if reward_judge is None:
       raise ValueError("distill.reward_source='judge' needs the job layer's judge loader "
                        '(run it as the distill job: python -m didi_jax.main ...)')
