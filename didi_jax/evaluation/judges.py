@@ -292,16 +292,22 @@ def load_byte_lm(source: str, dtype=jnp.float32):
   return nnx.merge(graphdef, net.params), model_cfg
 
 
-def load_byte_judge(name: str, context: int, dtype=jnp.float32,
-                    mesh: Optional[Mesh] = None) -> Judge:
-  """A byte-level judge: 'demo-bytes', an AR run directory or an AR export (see the docstring).
-  `context` 0 means the model's full length."""
-  source = demo_bytes_path() if name == DEMO_BYTES else name
-  model, model_cfg = load_byte_lm(source, dtype)
+def _byte_vocab_lm(name: str, dtype):
+  """`load_byte_lm` of 'demo-bytes' or a path, refused unless its vocabulary is the byte
+  tokenizer's."""
+  model, model_cfg = load_byte_lm(demo_bytes_path() if name == DEMO_BYTES else name, dtype)
   if int(model_cfg.vocab_size) != BYTE_VOCAB:
     raise errors.CheckpointError(
         f'judge {name} has vocab {model_cfg.vocab_size}, not the byte tokenizer\'s {BYTE_VOCAB}: '
         "only byte-level AR models (data.tokenizer='byte') load as byte judges")
+  return model, model_cfg
+
+
+def load_byte_judge(name: str, context: int, dtype=jnp.float32,
+                    mesh: Optional[Mesh] = None) -> Judge:
+  """A byte-level judge: 'demo-bytes', an AR run directory or an AR export (see the docstring).
+  `context` 0 means the model's full length."""
+  model, model_cfg = _byte_vocab_lm(name, dtype)
   context = int(context) or int(model_cfg.length)
   _check_context(context, int(model_cfg.length), name)
   tok = get_tokenizer('byte')
@@ -314,12 +320,7 @@ def reward_judge(cfg):
   oracle reward of docs/method.md §10.2): a byte-level AR judge whose length covers the
   student's rows, float32; logits_fn(ids (N, L)) -> (N, L, 257) closes over its weights."""
   name = cfg.distill.reward_judge
-  source = demo_bytes_path() if name == DEMO_BYTES else name
-  model, model_cfg = load_byte_lm(source, jnp.float32)
-  if int(model_cfg.vocab_size) != BYTE_VOCAB:
-    raise errors.CheckpointError(
-        f'distill.reward_judge={name!r} has vocab {model_cfg.vocab_size}, not the byte '
-        f"tokenizer's {BYTE_VOCAB}: use a byte-level AR judge such as {DEMO_BYTES!r}")
+  model, model_cfg = _byte_vocab_lm(name, jnp.float32)
   if int(model_cfg.length) < int(cfg.model.length):
     raise errors.ConfigError(
         f'distill.reward_judge={name!r} reads {model_cfg.length} bytes, fewer than the '
