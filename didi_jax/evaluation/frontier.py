@@ -73,18 +73,18 @@ def interpolate(h: float, entropies: Sequence[float],
     return float(np.exp(logG[k] + w * (logG[k + 1] - logG[k]))), extrapolated
 
 
-def _gap(row: Samples, points: Sequence[Samples]) -> tuple[float, float, float, bool]:
-  """(gap, F(h), h, extrapolated) of a row against frontier points."""
+def _gap(row: Samples, points: Sequence[Samples]):
+  """(gap, F(h), h, extrapolated, the points' entropies, their Gen PPLs) of a row against
+  frontier points."""
   h, g = row.point()
   hs, gs = zip(*(p.point() for p in points))
   f, extrap = interpolate(h, hs, gs)
-  return g - f, f, h, extrap
+  return g - f, f, h, extrap, hs, gs
 
 
-def _end_point(h: float, points: Sequence[Samples]) -> Optional[int]:
-  """Index of the hottest point when h lies above every point's entropy, of the coldest when
+def _end_point(h: float, hs: Sequence[float]) -> Optional[int]:
+  """Index of the hottest point (entropies `hs`) when h lies above every one, of the coldest when
   below all; None inside the range."""
-  hs = [p.point()[0] for p in points]
   if h > max(hs):
     return int(np.argmax(hs))
   if h < min(hs):
@@ -103,9 +103,9 @@ def gap(row: Samples, points: Sequence[Samples], *, n_bootstrap: int = 0, seed: 
   (hotter than every point and significantly below the hottest), 'dominated' (colder than every
   point and significantly above the coldest) or 'extrapolated' (no verdict). Without resamples
   the signs decide."""
-  g_gap, f, h, extrap = _gap(row, points)
-  end = _end_point(h, points) if extrap else None
-  end_gap = None if end is None else row.point()[1] - points[end].point()[1]
+  g_gap, f, h, extrap, hs, gs = _gap(row, points)
+  end = _end_point(h, hs) if extrap else None
+  end_gap = None if end is None else g_gap + f - gs[end]
   ci = end_ci = None
   if n_bootstrap > 0:
     rng = np.random.default_rng(seed)
@@ -114,12 +114,14 @@ def gap(row: Samples, points: Sequence[Samples], *, n_bootstrap: int = 0, seed: 
     for b in range(n_bootstrap):
       r = row.take(rng.integers(0, row.size, row.size))
       ps = [p.take(rng.integers(0, p.size, p.size)) for p in points]
-      if end is not None:
-        end_stats[b] = r.point()[1] - ps[end].point()[1]
       try:
-        stats[b] = _gap(r, ps)[0]
+        stats[b], f_b, _, _, _, gs_b = _gap(r, ps)
+        if end is not None:
+          end_stats[b] = stats[b] + f_b - gs_b[end]
       except ValueError:        # a resample whose frontier points share one entropy
         stats[b] = np.nan
+        if end is not None:
+          end_stats[b] = r.point()[1] - ps[end].point()[1]
     tail = 100.0 * (1.0 - level) / 2.0
     lo, hi = np.nanpercentile(stats, [tail, 100.0 - tail])
     ci = [float(lo), float(hi)]
@@ -142,7 +144,7 @@ def gap(row: Samples, points: Sequence[Samples], *, n_bootstrap: int = 0, seed: 
   out = {'entropy': h, 'gen_ppl': g_gap + f, 'teacher_gen_ppl': f, 'gap': g_gap, 'gap_ci': ci,
          'extrapolated': extrap, 'verdict': verdict}
   if end is not None:
-    out.update(end_gen_ppl=points[end].point()[1], end_gap=end_gap, end_gap_ci=end_ci)
+    out.update(end_gen_ppl=gs[end], end_gap=end_gap, end_gap_ci=end_ci)
   return out
 
 
