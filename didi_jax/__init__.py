@@ -77,6 +77,27 @@ def _skip_absent_tpu() -> None:
 _skip_absent_tpu()
 
 
+def cpu_only(environ=None) -> bool:
+  """This process computes on its CPU only: JAX_PLATFORMS=cpu, or no accelerator is visible."""
+  environ = os.environ if environ is None else environ
+  platforms = environ.get('JAX_PLATFORMS', '').strip().lower()
+  if platforms:
+    return platforms == 'cpu'
+  return not (_has_tpu() or any(os.path.exists(d) for d in _NVIDIA_DEVICES)
+              or os.path.exists('/dev/kfd'))
+
+
+def _host_memory() -> None:
+  """CPU runs reuse freed host memory instead of page-faulting it in again every step
+  (`didi_jax.hostmem`; DIDI_JAX_MALLOC=system opts out)."""
+  from didi_jax import hostmem  # pylint: disable=import-outside-toplevel
+  if cpu_only() and hostmem.wanted():
+    hostmem.keep_freed_memory()
+
+
+_host_memory()
+
+
 # The public API loads lazily (PEP 562): importing a submodule such as `didi_jax.aot`, which sets
 # environment variables before JAX starts, must not import JAX through this package first.
 def __getattr__(name):
