@@ -80,10 +80,22 @@ class LayerNormNoBias(nnx.Module):
     self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
 
   def __call__(self, x: Array) -> Array:
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * self.weight[...]
+    return standardize(x) * self.weight[...]
+
+  def modulated(self, x: Array, shift: Array, scale: Array) -> Array:
+    """(LN(x)·weight)·(1 + scale) + shift (adaLN modulation) with the LN weight folded into the (B, 1, D) scale:
+    x̂ · (w (1 + scale)) + shift, the same math (float32 results differ in the last bits). A
+    per-feature weight applied over (B, L, D) was materialised as a (B, L, D) array for the
+    backward's library fusions on XLA's CPU backend; the folded form multiplies once."""
+    return standardize(x) * (self.weight[...] * (1.0 + scale)) + shift
+
+
+def standardize(x: Array) -> Array:
+  """(x − mean) / sqrt(var + 1e-5) over the last axis, float32, biased variance."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + 1e-5)
 
 
 SOFT_INPUTS = ('logits', 'probs')
@@ -166,13 +178,18 @@ def rotary_constants(length: int, head_dim: int):
 
 
 def apply_rotary(x_BxLxHxD: Array, cos_LxD: Array, sin_LxD: Array) -> Array:
-  """Non-interleaved rotate-half rotary, computed in float32 and rounded to x's dtype."""
+  """Non-interleaved rotate-half rotary, computed in float32 and rounded to x's dtype.
+
+  x·cos + rotate_half(x)·sin with rotate_half(x) = [−x₂, x₁], written per half so that no
+  rotated copy of x is materialised (same floating-point operations, bit-identical)."""
   half = x_BxLxHxD.shape[-1] // 2
   x = x_BxLxHxD.astype(jnp.float32)
-  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  x1, x2 = x[..., :half], x[..., half:]
   cos = cos_LxD[None, :, None, :]
   sin = sin_LxD[None, :, None, :]
-  return (x * cos + rot * sin).astype(x_BxLxHxD.dtype)
+  out = jnp.concatenate([x1 * cos[..., :half] - x2 * sin[..., :half],
+                         x2 * cos[..., half:] + x1 * sin[..., half:]], axis=-1)
+  return out.astype(x_BxLxHxD.dtype)
 
 
 def attention(q_BxLxHxD: Array, k_BxLxHxD: Array, v_BxLxHxD: Array, impl: str) -> Array:
@@ -192,24 +209,55 @@ def attention(q_BxLxHxD: Array, k_BxLxHxD: Array, v_BxLxHxD: Array, impl: str) -
 
 
 def cpu_attention(q_BxLxHxD: Array, k_BxLxHxD: Array, v_BxLxHxD: Array) -> Array:
-  """`jax.nn.dot_product_attention`'s XLA math (float32 scores, scaled after the product, float32
-  softmax, probabilities cast to v's dtype) written in (B, H, L, Dh) layout."""
+  """`jax.nn.dot_product_attention`'s math in (B, H, L, Dh) layout, arranged for XLA's CPU backend.
+
+  softmax(q kᵀ / √Dh) v with float32 scores and softmax; two rearrangements of the same math
+  (float32 results differ in the last bits): q is scaled before the product (over (L, Dh), not
+  (L, L): the backend materialised the scale as an (B, H, L, L) array for its library fusion), and
+  the softmax's normalisation is applied after the product with v, o = (e v) / Σe with
+  e = exp(s − max s), so the (L, L) probabilities are never divided and the backward's reduction
+  runs over Dh instead of L. The unnormalised e (≤ 1) is cast to v's dtype for the product.
+  """
+  scale = 1.0 / math.sqrt(q_BxLxHxD.shape[-1])
+  q_BxLxHxD = (q_BxLxHxD.astype(jnp.float32) * jnp.float32(scale)).astype(q_BxLxHxD.dtype)
   q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
   s = jnp.einsum('bhld,bhmd->bhlm', q, k, preferred_element_type=jnp.float32)
-  s = s * jnp.float32(1.0 / math.sqrt(q.shape[-1]))
-  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-  return jnp.swapaxes(jnp.einsum('bhlm,bhmd->bhld', p, v), 1, 2)
-
-
-def modulate(x, shift, scale):
-  return x * (1.0 + scale) + shift
+  e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+  denom = jnp.sum(e, axis=-1, keepdims=True)
+  o = jnp.einsum('bhlm,bhmd->bhld', e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return jnp.swapaxes((o / denom).astype(v.dtype), 1, 2)
 
 
 def dropout(x: Array, rate: float, key: Optional[Array]) -> Array:
+  """Inverted dropout: keep each element with probability 1 − rate and scale it by 1/(1 − rate).
+
+  The keep mask is `dropout_keep_mask(key, x.shape, rate)` (docs/method.md §3.2)."""
   if key is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  keep = dropout_keep_mask(key, x.shape, rate)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def dropout_keep_mask(key: Array, shape: tuple, rate: float) -> Array:
+  """Bernoulli(1 − rate) keep mask of `shape`, a deterministic function of `key`.
+
+  Accelerators: `jax.random.bernoulli(key, 1 − rate, shape)` (JAX's partitionable threefry).
+  CPUs: 32 random bits per element from XLA's RngBitGenerator (threefry algorithm, state from
+  `key`), kept where bits < round((1 − rate)·2³²): the same Bernoulli law, generated about 6x
+  faster than JAX's threefry lowering on XLA's CPU backend (BENCHMARKS.md), so masks differ from
+  an accelerator's for the same key. Chosen per compile target (`lax.platform_dependent`).
+  """
+  threshold = min(int(round((1.0 - rate) * 2.0 ** 32)), 2 ** 32 - 1)
+
+  def cpu(k):
+    state = jax.random.bits(k, (4,), jnp.uint32)
+    _, bits = jax.lax.rng_bit_generator(state, shape, dtype=jnp.uint32,
+                                        algorithm=jax.lax.RandomAlgorithm.RNG_THREE_FRY)
+    return bits < jnp.uint32(threshold)
+
+  def default(k):
+    return jax.random.bernoulli(k, 1.0 - rate, shape)
+  return jax.lax.platform_dependent(key, cpu=cpu, default=default)
 
 
 class DiTBlock(nnx.Module):
@@ -235,7 +283,7 @@ class DiTBlock(nnx.Module):
     if key is not None:
       k1, k2 = jax.random.split(key)
 
-    u = modulate(self.norm1(h_BxLxD), shift_a, scale_a)
+    u = self.norm1.modulated(h_BxLxD, shift_a, scale_a)
     qkv = self.attn_qkv(u).reshape(B, L, 3, H, D // H)
     q = apply_rotary(qkv[:, :, 0], cos, sin)
     k = apply_rotary(qkv[:, :, 1], cos, sin)
@@ -243,7 +291,7 @@ class DiTBlock(nnx.Module):
     a = attention(q, k, v, self.attention_impl).reshape(B, L, D)
     h = h_BxLxD + gate_a * dropout(self.attn_out(a), rate, k1)
 
-    u2 = modulate(self.norm2(h), shift_m, scale_m)
+    u2 = self.norm2.modulated(h, shift_m, scale_m)
     m = self.mlp_2(jax.nn.gelu(self.mlp_0(u2), approximate=True))
     return h + gate_m * dropout(m, rate, k2)
 
@@ -257,7 +305,7 @@ class OutputLayer(nnx.Module):
 
   def modulated(self, h_BxLxD, c_BxC):
     shift, scale = jnp.split(self.adaLN_modulation(c_BxC)[:, None, :], 2, axis=-1)
-    return modulate(self.norm_final(h_BxLxD), shift, scale)
+    return self.norm_final.modulated(h_BxLxD, shift, scale)
 
   def __call__(self, h_BxLxD, c_BxC):
     return self.linear(self.modulated(h_BxLxD, c_BxC))

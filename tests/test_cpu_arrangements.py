@@ -1,0 +1,156 @@
+"""The CPU arrangements of the DiT's math (docs/method.md §3.2 "Order of operations") and the host
+memory policy (didi_jax.hostmem): same values as the literal formulas, pinned by value."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import didi_jax
+from didi_jax import hostmem
+from didi_jax.models import dit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _qkv(seed, shape=(2, 16, 3, 8)):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  return [2.0 * jax.random.normal(k, shape, jnp.float32) for k in ks]
+
+
+@pytest.mark.parametrize('head_dim', [8, 64])
+def test_cpu_attention_values_and_gradients_are_the_librarys(head_dim):
+  """Scaled-q, normalise-after-the-product attention = softmax(q kᵀ/√Dh) v: values and the
+  gradients autodiff takes through it, against `jax.nn.dot_product_attention` (XLA math)."""
+  q, k, v, w = _qkv(head_dim, (2, 16, 3, head_dim))
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(w * fn(q, k, v))
+  ours = jax.jit(dit.cpu_attention)(q, k, v)
+  ref = jax.nn.dot_product_attention(q, k, v, implementation='xla')
+  np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-6)
+  # An independent NumPy float64 softmax attention, too.
+  qn, kn, vn = (np.asarray(a, np.float64).transpose(0, 2, 1, 3) for a in (q, k, v))
+  s = qn @ kn.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  np.testing.assert_allclose(ours, (p @ vn).transpose(0, 2, 1, 3), rtol=2e-5, atol=2e-6)
+  g_ours = jax.jit(jax.grad(loss(dit.cpu_attention), (0, 1, 2)))(q, k, v)
+  g_ref = jax.grad(loss(lambda *a: jax.nn.dot_product_attention(*a, implementation='xla')),
+                   (0, 1, 2))(q, k, v)
+  for a, b in zip(g_ours, g_ref):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_folded_layernorm_modulation_is_the_literal_order():
+  """x̂·(w(1+scale)) + shift = (LN(x)·w)(1+scale) + shift, against NumPy float64."""
+  ks = jax.random.split(jax.random.PRNGKey(3), 4)
+  x = 3.0 * jax.random.normal(ks[0], (2, 5, 16)) + 1.0
+  shift = jax.random.normal(ks[1], (2, 1, 16))
+  scale = jax.random.normal(ks[2], (2, 1, 16))
+  norm = dit.LayerNormNoBias(16)
+  norm.weight[...] = 1.0 + jax.random.normal(ks[3], (16,))
+  got = norm.modulated(x, shift, scale)
+  xn = np.asarray(x, np.float64)
+  xhat = (xn - xn.mean(-1, keepdims=True)) / np.sqrt(xn.var(-1, keepdims=True) + 1e-5)
+  want = (xhat * np.asarray(norm.weight[...], np.float64)) * (1 + np.asarray(scale)) + \
+      np.asarray(shift)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(norm(x), xhat * np.asarray(norm.weight[...]), rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_per_half_is_bit_identical_to_rotate_half():
+  """Per-half rotary = x·cos + rotate_half(x)·sin: bit-identical to the literal jnp form under
+  the same compiler, and equal to NumPy's up to XLA's fused multiply-adds."""
+  def literal(x, cos, sin):
+    rot = jnp.concatenate([-x[..., 4:], x[..., :4]], axis=-1)
+    return x * cos[None, :, None] + rot * sin[None, :, None]
+  x = _qkv(5, (2, 12, 3, 8))[0]
+  cos, sin = dit.rotary_tables(12, 8)
+  got = jax.jit(dit.apply_rotary)(x, cos, sin)
+  np.testing.assert_array_equal(got, jax.jit(literal)(x, cos, sin))
+  xn, cn, sn = (np.asarray(a, np.float64) for a in (x, cos, sin))
+  np.testing.assert_allclose(got, literal(xn, cn, sn), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('rate', [0.1, 0.5])
+def test_cpu_dropout_mask_is_bernoulli_from_rng_bit_generator(rate):
+  """On a CPU the keep mask is XLA's RngBitGenerator (threefry) bits below round((1−rate)·2³²),
+  state = 4 words from the key: exactly that, deterministic in the key, Bernoulli(1 − rate)."""
+  shape = (64, 128, 128)                          # 2^20 elements
+  key = jax.random.PRNGKey(11)
+  mask = np.asarray(jax.jit(lambda k: dit.dropout_keep_mask(k, shape, rate))(key))
+  state = jax.random.bits(key, (4,), jnp.uint32)
+  _, bits = jax.lax.rng_bit_generator(state, shape, dtype=jnp.uint32,
+                                      algorithm=jax.lax.RandomAlgorithm.RNG_THREE_FRY)
+  threshold = int(round((1.0 - rate) * 2 ** 32))
+  np.testing.assert_array_equal(mask, np.asarray(bits) < threshold)
+  n = mask.size
+  sd = np.sqrt(rate * (1 - rate) / n)
+  assert abs(mask.mean() - (1.0 - rate)) < 5 * sd
+  flat = mask.reshape(-1).astype(np.float64)
+  corr = np.corrcoef(flat[:-1], flat[1:])[0, 1]  # neighbours independent
+  assert abs(corr) < 5 / np.sqrt(n)
+  again = np.asarray(jax.jit(lambda k: dit.dropout_keep_mask(k, shape, rate))(key))
+  other = np.asarray(jax.jit(lambda k: dit.dropout_keep_mask(k, shape, rate))(
+      jax.random.PRNGKey(12)))
+  np.testing.assert_array_equal(mask, again)
+  assert 0.5 * (1 - rate) * rate * n < np.sum(mask != other)   # ~2 r (1−r) n differ
+  # dropout itself: kept values scaled by exactly 1/(1 − rate), dropped ones 0.
+  x = jnp.full((4, 8, 32), 3.0)
+  y = np.asarray(dit.dropout(x, rate, key))
+  keep = np.asarray(dit.dropout_keep_mask(key, x.shape, rate))
+  np.testing.assert_array_equal(y, np.where(keep, np.float32(3.0) / np.float32(1 - rate), 0))
+
+
+def test_cpu_only_reads_jax_platforms():
+  assert didi_jax.cpu_only({'JAX_PLATFORMS': 'cpu'})
+  assert not didi_jax.cpu_only({'JAX_PLATFORMS': 'cuda,cpu'})
+  assert not didi_jax.cpu_only({'JAX_PLATFORMS': 'tpu'})
+
+
+def test_host_memory_policy_respects_the_user():
+  assert hostmem.wanted({})
+  assert not hostmem.wanted({'DIDI_JAX_MALLOC': 'system'})
+  assert not hostmem.wanted({'MALLOC_ARENA_MAX': '4'})
+  assert not hostmem.wanted({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'})
+
+
+_FAULTS = textwrap.dedent('''
+    import ctypes, resource, threading
+    import didi_jax
+    libc = ctypes.CDLL('libc.so.6')
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    n, out = 100 * 2 ** 20, {}
+    def work():                        # malloc + touch + free, as XLA's temporary buffer
+      p = libc.malloc(n); ctypes.memset(p, 1, n); libc.free(p)
+      f0 = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+      p = libc.malloc(n); ctypes.memset(p, 1, n)         # the same size again
+      out['faults'] = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - f0
+      libc.free(p)
+    t = threading.Thread(target=work); t.start(); t.join()   # a worker thread, as XLA's
+    print(out['faults'])
+    ''')
+
+
+@pytest.mark.skipif(hostmem._glibc() is None, reason='glibc malloc only (Linux)')
+def test_freed_host_memory_is_reused_without_page_faults():
+  """In a worker thread, a 100 MiB buffer freed and allocated again: with the policy (the package
+  applies it on a CPU-only import) the second allocation reuses the heap (no page faults);
+  DIDI_JAX_MALLOC=system leaves glibc's default, which maps it afresh (25,600 pages)."""
+  def faults(extra):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **extra)
+    for k in ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_', 'GLIBC_TUNABLES',
+              'DIDI_JAX_MALLOC'):
+      if k not in extra:
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, '-c', _FAULTS], env=env, capture_output=True,
+                         text=True, check=True, timeout=120)
+    return int(out.stdout.strip().splitlines()[-1])
+  assert faults({}) < 1000
+  assert faults({'DIDI_JAX_MALLOC': 'system'}) > 20000
