@@ -46,6 +46,18 @@ def test_cpu_attention_values_and_gradients_are_the_librarys(head_dim):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize('n', [7, 32, 256, 300, 1024])
+def test_row_max_is_the_max(n):
+  """Halving maxima + a short reduction = jnp.max over the last axis, exactly (NaN, ±inf too)."""
+  x = np.array(jax.random.normal(jax.random.PRNGKey(n), (3, 4, n)) * 10)
+  x[0, 1, n // 3] = np.nan
+  x[1, 2, :] = -np.inf
+  x[2, 0, n - 1] = 1e30                        # the maximum in the last lane
+  x[2, 1, 0] = np.inf
+  got = np.asarray(jax.jit(dit.row_max)(jnp.asarray(x)))
+  np.testing.assert_array_equal(got, np.max(x, axis=-1, keepdims=True))
+
+
 def test_folded_layernorm_modulation_is_the_literal_order():
   """x̂·(w(1+scale)) + shift = (LN(x)·w)(1+scale) + shift, against NumPy float64."""
   ks = jax.random.split(jax.random.PRNGKey(3), 4)

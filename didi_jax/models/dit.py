@@ -208,6 +208,16 @@ def attention(q_BxLxHxD: Array, k_BxLxHxD: Array, v_BxLxHxD: Array, impl: str) -
                                     default=library)
 
 
+def row_max(x: Array) -> Array:
+  """max over the last axis (keepdims) as elementwise maxima of halves down to ≤ 32 lanes and one
+  short reduction: the same value (a max is exact in any order, NaN propagates either way); XLA's
+  CPU backend runs a long row max as a windowed reduction 5x slower (BENCHMARKS.md)."""
+  while x.shape[-1] > 32 and x.shape[-1] % 2 == 0:
+    half = x.shape[-1] // 2
+    x = jnp.maximum(x[..., :half], x[..., half:])
+  return jnp.max(x, axis=-1, keepdims=True)
+
+
 def cpu_attention(q_BxLxHxD: Array, k_BxLxHxD: Array, v_BxLxHxD: Array) -> Array:
   """`jax.nn.dot_product_attention`'s math in (B, H, L, Dh) layout, arranged for XLA's CPU backend.
 
@@ -222,7 +232,7 @@ def cpu_attention(q_BxLxHxD: Array, k_BxLxHxD: Array, v_BxLxHxD: Array) -> Array
   q_BxLxHxD = (q_BxLxHxD.astype(jnp.float32) * jnp.float32(scale)).astype(q_BxLxHxD.dtype)
   q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
   s = jnp.einsum('bhld,bhmd->bhlm', q, k, preferred_element_type=jnp.float32)
-  e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+  e = jnp.exp(s - jax.lax.stop_gradient(row_max(s)))
   denom = jnp.sum(e, axis=-1, keepdims=True)
   o = jnp.einsum('bhlm,bhmd->bhld', e.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return jnp.swapaxes((o / denom).astype(v.dtype), 1, 2)
