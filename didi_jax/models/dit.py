@@ -83,10 +83,10 @@ class LayerNormNoBias(nnx.Module):
     return standardize(x) * self.weight[...]
 
   def modulated(self, x: Array, shift: Array, scale: Array) -> Array:
-    """(LN(x)·weight)·(1 + scale) + shift (adaLN modulation) with the LN weight folded into the (B, 1, D) scale:
-    x̂ · (w (1 + scale)) + shift, the same math (float32 results differ in the last bits). A
-    per-feature weight applied over (B, L, D) was materialised as a (B, L, D) array for the
-    backward's library fusions on XLA's CPU backend; the folded form multiplies once."""
+    """adaLN modulation of the LayerNorm, (x̂·w)·(1 + scale) + shift, computed with the weight
+    folded into the (B, 1, D) scale: x̂·(w·(1 + scale)) + shift, the same math (float32 results
+    differ in the last bits). A per-feature weight applied over (B, L, D) was materialised as a
+    (B, L, D) array for the backward's library fusions on XLA's CPU backend."""
     return standardize(x) * (self.weight[...] * (1.0 + scale)) + shift
 
 
@@ -221,12 +221,12 @@ def row_max(x: Array) -> Array:
 def cpu_attention(q_BxLxHxD: Array, k_BxLxHxD: Array, v_BxLxHxD: Array) -> Array:
   """`jax.nn.dot_product_attention`'s math in (B, H, L, Dh) layout, arranged for XLA's CPU backend.
 
-  softmax(q kᵀ / √Dh) v with float32 scores and softmax; two rearrangements of the same math
-  (float32 results differ in the last bits): q is scaled before the product (over (L, Dh), not
-  (L, L): the backend materialised the scale as an (B, H, L, L) array for its library fusion), and
-  the softmax's normalisation is applied after the product with v, o = (e v) / Σe with
-  e = exp(s − max s), so the (L, L) probabilities are never divided and the backward's reduction
-  runs over Dh instead of L. The unnormalised e (≤ 1) is cast to v's dtype for the product.
+  softmax(q kᵀ / √Dh) v with float32 scores and softmax, rearranged (float32 results differ in
+  the last bits): q is scaled before the product (over (L, Dh), not (L, L): the backend
+  materialised the scale as a (B, H, L, L) array for its library fusion); the softmax's
+  normalisation is applied after the product with v, o = (e v) / Σe with e = exp(s − max s), so
+  the (L, L) probabilities are never divided and the backward's reduction runs over Dh instead of
+  L; the max is `row_max`. The unnormalised e (≤ 1) is cast to v's dtype for the product.
   """
   scale = 1.0 / math.sqrt(q_BxLxHxD.shape[-1])
   q_BxLxHxD = (q_BxLxHxD.astype(jnp.float32) * jnp.float32(scale)).astype(q_BxLxHxD.dtype)
@@ -253,7 +253,7 @@ def dropout_keep_mask(key: Array, shape: tuple, rate: float) -> Array:
 
   Accelerators: `jax.random.bernoulli(key, 1 − rate, shape)` (JAX's partitionable threefry).
   CPUs: 32 random bits per element from XLA's RngBitGenerator (threefry algorithm, state from
-  `key`), kept where bits < round((1 − rate)·2³²): the same Bernoulli law, generated about 6x
+  `key`), kept where bits < round((1 − rate)·2³²): the same Bernoulli law, generated about 3.5x
   faster than JAX's threefry lowering on XLA's CPU backend (BENCHMARKS.md), so masks differ from
   an accelerator's for the same key. Chosen per compile target (`lax.platform_dependent`).
   """
