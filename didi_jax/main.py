@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import textwrap
+import warnings
 
 from absl import app, flags
 import jax
@@ -117,13 +118,22 @@ def main(argv):
     summary = run_job(cfg, workdir)
   except errors.ConfigError as e:
     print(f'config error: {_one_line(e)}', file=sys.stderr)
-    sys.exit(2)
+    _exit_after_error()
   except (errors.UserError, FileNotFoundError) as e:
     print(f'error: {_one_line(e)}', file=sys.stderr)
-    sys.exit(2)
+    _exit_after_error()
   if summary is not None:
     if jax.process_index() == 0:
       print('summary: ' + json.dumps(summary, default=str), flush=True)
+
+
+def _exit_after_error() -> None:
+  """Exit 2 after the one-line error. A background writer the error interrupted (orbax's
+  asynchronous save on a full disk) can leave a coroutine that was never awaited, and Python
+  would warn about it at exit, two more lines under the error: those warnings are silenced."""
+  warnings.filterwarnings('ignore', message='coroutine .* was never awaited',
+                          category=RuntimeWarning)
+  sys.exit(2)
 
 
 def _parse_flags(argv):
