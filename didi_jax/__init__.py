@@ -13,6 +13,8 @@ import importlib.util
 import os
 import sys
 
+from didi_jax import hostmem   # stdlib only (ctypes): safe before JAX starts
+
 __version__ = '0.1.0'
 
 _GOOGLE_PCI_VENDOR = '0x1ae0'          # TPU chips are Google PCI devices
@@ -38,6 +40,11 @@ def _has_tpu() -> bool:
   return False
 
 
+def _has_gpu() -> bool:
+  """An NVIDIA or AMD GPU device node is visible."""
+  return any(os.path.exists(d) for d in _NVIDIA_DEVICES) or os.path.exists('/dev/kfd')
+
+
 def platforms_without_tpu():
   """The JAX platforms of a machine without a TPU on which the `libtpu` wheel is installed, else
   None (leave JAX's own choice alone).
@@ -55,7 +62,7 @@ def platforms_without_tpu():
     return None
   gpu = [name for name, plugins in _GPU_PLUGINS.items()
          if any(importlib.util.find_spec(p) is not None for p in plugins)]
-  if any(os.path.exists(d) for d in _NVIDIA_DEVICES) or os.path.exists('/dev/kfd'):
+  if _has_gpu():
     if not gpu:
       return None                      # JAX's own "GPU present, no GPU jaxlib" warning stays
     return ','.join(gpu + ['cpu'])
@@ -83,14 +90,12 @@ def cpu_only(environ=None) -> bool:
   platforms = environ.get('JAX_PLATFORMS', '').strip().lower()
   if platforms:
     return platforms == 'cpu'
-  return not (_has_tpu() or any(os.path.exists(d) for d in _NVIDIA_DEVICES)
-              or os.path.exists('/dev/kfd'))
+  return not (_has_tpu() or _has_gpu())
 
 
 def _host_memory() -> None:
   """CPU runs reuse freed host memory instead of page-faulting it in again every step
   (`didi_jax.hostmem`; DIDI_JAX_MALLOC=system opts out)."""
-  from didi_jax import hostmem  # pylint: disable=import-outside-toplevel
   if cpu_only() and hostmem.wanted():
     hostmem.keep_freed_memory()
 

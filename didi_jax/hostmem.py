@@ -32,8 +32,6 @@ OPT_OUT = 'DIDI_JAX_MALLOC'           # =system: leave malloc as it is
 _USER_SETTINGS = ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_',
                   'GLIBC_TUNABLES')
 
-_applied = False
-
 
 def _glibc():
   """The process's C library when it is glibc (it has `gnu_get_libc_version`), else None."""
@@ -57,14 +55,8 @@ def wanted(environ=None) -> bool:
 
 
 def keep_freed_memory() -> bool:
-  """Applies the policy above (once); True when glibc accepted all three settings."""
-  global _applied
-  if _applied:
-    return True
+  """Applies the policy above; True when glibc accepted all three settings."""
   libc = _glibc()
-  if libc is None:
-    return False
-  ok = all(libc.mallopt(param, value) == 1 for param, value in
-           ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
-  _applied = ok
-  return ok
+  return libc is not None and all(
+      libc.mallopt(param, value) == 1 for param, value in
+      ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
