@@ -464,7 +464,8 @@ def model_flops_per_step(cfg, job: str, batch: int) -> float:
   if job == 'distill':
     d = cfg.distill
     return bench.distill_flops(m, batch, int(d.group_size), int(d.disc_unfreeze_blocks),
-                               kl_on=distill.kl_enabled(d))['total']
+                               kl_on=distill.kl_enabled(d),
+                               shared_prefix=distill.shares_disc_prefix(d))['total']
   s = cfg.sampler
   return batch * cost_lib.sampler_cost(
       m, s.kind, int(s.steps), num_candidates=int(s.rgas.num_candidates),

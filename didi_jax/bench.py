@@ -3,8 +3,11 @@ r"""Throughput / MFU benchmarks: pretrain step, DiDi iteration, ancestral and RG
   python -m didi_jax.bench all --size small --length 1024            # the H100 run (reference rows: BENCHMARKS.md)
   python -m didi_jax.bench train --size tiny --length 32 --batch 8 --iters 2 --warmup 1
   python -m didi_jax.bench sample --size demo --steps 8,16,32 --sparse --json bench.jsonl
+  python -m didi_jax.bench distill --config=configs/demo.py       # a preset's model and recipe
 
-Networks get random weights of the requested size (no checkpoint is read). Every workload is
+Networks get random weights of the requested size, or of a config file's model with
+`--config` (as `python -m didi_jax.main --config`: model, distillation recipe, mesh and batches
+from the file; no checkpoint or data is read). Every workload is
 compiled ahead of time (compile seconds reported separately), run `--warmup` times, then timed
 for `--iters` iterations, each ended by `block_until_ready`; the table shows the median.
 
@@ -16,7 +19,8 @@ per forward, as in `sampling/cost.py`; rematerialisation is not counted):
            student 3 × (1 + N) forwards (the all-[MASK] first step runs on one row, docs/method.md §7.4;
            backward = 2 × forward), teacher (1 + N) forwards (KL terms), discriminator forward on
            2N rows + backward on 2N rows (2 × the trainable blocks and head: frozen blocks need no
-           gradient), reward pass on N rows.
+           gradient), reward pass on N rows (its trainable blocks and head: the frozen blocks'
+           output is shared with the update when distill.dropout = 0, docs/method.md §7.4).
   sample   ancestral sampling at B=64 with N steps (+ noise removal), measured student forwards:
            forwards × B × (trunk + attention) + projected rows × 2·d·V. `--sparse` adds the
            reveal-only path (`sampler.sparse_reveal`), whose projected rows are measured.
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -122,8 +127,9 @@ def train_flops_per_token(model_cfg, length: Optional[int] = None) -> float:
 
 
 def distill_flops(model_cfg, batch: int, group: int, unfreeze_blocks: int,
-                  kl_on: bool = True) -> dict:
-  """Model FLOPs of one DiDi iteration, by part (see the module docstring)."""
+                  kl_on: bool = True, shared_prefix: bool = False) -> dict:
+  """Model FLOPs of one DiDi iteration, by part (see the module docstring); `shared_prefix`:
+  the reward pass runs only the trainable blocks and the head (`distill.shares_disc_prefix`)."""
   n = batch * group
   f_s = cost_lib.student_forward_flops(model_cfg)
   f_d = cost_lib.disc_forward_flops(model_cfg)
@@ -135,7 +141,8 @@ def distill_flops(model_cfg, batch: int, group: int, unfreeze_blocks: int,
       'teacher_fwd': (1 + n) * f_s if kl_on else 0.0,
       'disc_fwd': 2 * n * f_d,
       'disc_bwd': 2 * n * d_bwd,
-      'reward_fwd': n * f_d,
+      'reward_fwd': n * (frac * trunk + cost_lib.disc_head_flops(model_cfg) if shared_prefix
+                         else f_d),
   }
   parts['total'] = sum(parts.values())
   return parts
@@ -284,6 +291,24 @@ def bench_config(size: str, length: int, vocab: int, dtype: str, attention: str)
   return cfg
 
 
+def load_config_file(spec: str):
+  """The ConfigDict of `PATH` or `PATH:PRESET`: the file's get_config(PRESET), as
+  `python -m didi_jax.main --config` reads it."""
+  path, _, preset = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'no config file {path!r} (e.g. configs/demo.py)')
+  module_spec = importlib.util.spec_from_file_location('_bench_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()
+
+
+def config_batch(cfg, workload: str) -> int:
+  """A config's batch for a workload: pretrain, distill (data rows B) or sample batch."""
+  section = {'train': 'pretrain', 'distill': 'distill'}.get(workload, 'sample')
+  return int(cfg[section].batch_size)
+
+
 def _tokens(key, batch: int, length: int, vocab: int) -> np.ndarray:
   return np.asarray(jax.random.randint(key, (batch, length), 0, vocab - 1), np.int32)
 
@@ -344,7 +369,7 @@ def run_distill(cfg, batch: int, group: int, warmup: int, iters: int) -> dict:
                            next_args=lambda a, out: (out[0],) + a[1:])
   d = cfg.distill
   kl_on = d.kl.scale * max(abs(d.kl.coef_hi), abs(d.kl.coef_lo)) != 0
-  flops = distill_flops(cfg.model, batch, group, unfreeze, kl_on)
+  flops = distill_flops(cfg.model, batch, group, unfreeze, kl_on, distill.shares_disc_prefix(d))
   return dict(timing=timing, flops=flops['total'], flops_parts=flops, tokens=batch * group * L,
               shape=f'B={batch} G={group} L={L}', batch=batch, group=group)
 
@@ -604,7 +629,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                   'on random-weight networks (see the module docstring for the FLOP formulas).',
       formatter_class=_HelpFormatter)
   p.add_argument('workload', choices=WORKLOADS + ('all',), help='what to time')
-  p.add_argument('--size', choices=SIZES, default='small', help='model size (config.MODEL_SIZES)')
+  p.add_argument('--size', choices=SIZES, default=None,
+                 help='model size (config.MODEL_SIZES; default small)')
   p.add_argument('--length', type=int, default=None,
                  help='sequence length L (default: small/medium/large 1024, demo 256, tiny 64)')
   p.add_argument('--vocab', type=int, default=None,
@@ -613,7 +639,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--batch', type=int, default=None,
                  help='batch for every selected workload (default: train 32, distill 8 data rows, '
                       'sample/rgas 64)')
-  p.add_argument('--group', type=int, default=4, help='distill: samples per data row G')
+  p.add_argument('--group', type=int, default=None,
+                 help="distill: samples per data row G (default 4, or the config's)")
+  p.add_argument('--config', type=str, default=None,
+                 help='a config file, PATH or PATH:PRESET as for python -m didi_jax.main: its '
+                      'model, distillation recipe, mesh and batches (pretrain, distill B and G, '
+                      'sample) instead of --size/--length/--vocab; --batch, --group, --dtype and '
+                      '--attention still override')
   p.add_argument('--steps', '--nfe', type=str, default='16',
                  help='sampler steps N (sample, rgas); a comma list gives one row each')
   p.add_argument('--sparse', action='store_true',
@@ -634,6 +666,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       'torch-eager: the eager row only')
   p.add_argument('--json', type=str, default=None, help='append the rows to this JSONL file')
   args = p.parse_args(argv)
+  args.file_cfg = None
+  if args.config is not None:
+    if (args.size, args.length, args.vocab) != (None, None, None):
+      p.error('--config takes the model from the file: leave out --size, --length and --vocab')
+    try:
+      args.file_cfg = load_config_file(args.config)
+    except Exception as e:  # pylint: disable=broad-except
+      p.error(f'--config={args.config}: {type(e).__name__}: '
+              f'{(str(e).strip().splitlines() or [""])[0]}')
+    m = args.file_cfg.model
+    args.size, args.length, args.vocab = args.config, int(m.length), int(m.vocab_size)
+    if args.dtype is None:
+      args.dtype = str(m.compute_dtype)
+    if args.group is None:
+      args.group = int(args.file_cfg.distill.group_size)
+  if args.size is None:
+    args.size = 'small'
+  if args.group is None:
+    args.group = 4
   if args.length is None:
     args.length = DEFAULT_LENGTH[args.size]
   if args.vocab is None:
@@ -664,10 +715,17 @@ def run(args: argparse.Namespace) -> list[dict]:
   rows = []
 
   def cfg():
-    return bench_config(args.size, args.length, args.vocab, args.dtype, args.attention)
+    if args.config is None:
+      return bench_config(args.size, args.length, args.vocab, args.dtype, args.attention)
+    c = load_config_file(args.config)        # afresh: the runners change it
+    c.model.compute_dtype = args.dtype
+    if args.attention != 'auto':
+      c.model.attention_impl = args.attention
+    return c
 
   def batch(w):
-    return args.batch or DEFAULT_BATCH[w]
+    return args.batch or (config_batch(args.file_cfg, w) if args.file_cfg is not None
+                          else DEFAULT_BATCH[w])
 
   for w in workloads:
     if w == 'train':

@@ -133,6 +133,12 @@ def test_distill_flops_formula():
   assert parts['total'] / 1e12 == pytest.approx(68.25, abs=0.05)
   no_kl = bench.distill_flops(small, 8, 4, 4, kl_on=False)
   assert no_kl['teacher_fwd'] == 0
+  # The frozen 8 of 12 blocks' output shared with the update: the reward pass runs 4 + the head.
+  shared = bench.distill_flops(small, 8, 4, 4, shared_prefix=True)
+  trunk = cost_lib.trunk_dense_flops(small) + cost_lib.attention_flops(small)
+  assert shared['reward_fwd'] == pytest.approx(32 * (trunk / 3 + cost_lib.disc_head_flops(small)))
+  assert {k: v for k, v in shared.items() if k not in ('reward_fwd', 'total')} == {
+      k: v for k, v in parts.items() if k not in ('reward_fwd', 'total')}
 
 
 def _fake_row(dev, **kw):
@@ -189,6 +195,25 @@ def test_cli_help_and_defaults(capsys):
   assert (args.length, args.vocab) == (1024, 50258)
   with pytest.raises(SystemExit):
     bench.parse_args(['train', '--steps', 'x'])
+
+
+def test_cli_config_file_gives_model_recipe_and_batches(capsys):
+  demo = os.path.join(ROOT, 'configs', 'demo.py')
+  args = bench.parse_args(['distill', '--config', demo])
+  want = bench.load_config_file(demo)
+  assert (args.length, args.vocab, args.dtype, args.group) == (256, 258, 'float32', 4)
+  assert want.model.hidden_size == 192 and want.distill.disc_unfreeze_blocks == 2
+  assert bench.config_batch(args.file_cfg, 'distill') == want.distill.batch_size == 4
+  assert bench.config_batch(args.file_cfg, 'train') == want.pretrain.batch_size
+  assert bench.config_batch(args.file_cfg, 'rgas') == want.sample.batch_size
+  smoke = bench.parse_args(['train', '--config', demo + ':smoke', '--group', '2'])
+  assert smoke.file_cfg.model.hidden_size == 64 and smoke.group == 2   # the smoke preset's
+  for spec, extra, fragment in ((demo, ['--size', 'demo'], 'leave out --size'),
+                                ('/nonexistent.py', [], "no config file '/nonexistent.py'"),
+                                (demo + ':nope', [], "unknown preset 'nope'")):
+    with pytest.raises(SystemExit):
+      bench.parse_args(['distill', '--config', spec] + extra)
+    assert fragment in capsys.readouterr().err
 
 
 def test_device_peaks():

@@ -458,6 +458,13 @@ def student_loss_from_terms(terms: Dict[str, Array], wa_N: Array,
           + dcfg.kl.coef_lo * dcfg.kl.scale * terms['kl_lo'] - dcfg.entropy_coef * terms['ent'])
 
 
+def shares_disc_prefix(dcfg: ml_collections.ConfigDict) -> bool:
+  """Whether an iteration runs the discriminator's frozen blocks once for its update and the
+  reward pass (docs/method.md §7.4): without dropout they give both the same values; with
+  `distill.dropout` > 0 the update's forward draws dropout and the reward pass does not."""
+  return float(dcfg.dropout) == 0.0
+
+
 def _clean_norm(tree) -> Array:
   return common.global_norm(common.nan_to_num_grads().update(tree, optax.EmptyState())[0])
 
@@ -503,6 +510,8 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
     raise ValueError('distill.group_size must be >= 2 for grouped normalisation (or set '
                      '--config.distill.group_norm=False)')
   oracle = judge_rewarded(d)
+  n_frozen = cfg.model.n_blocks - d.disc_unfreeze_blocks
+  share_prefix = shares_disc_prefix(d)
   if oracle and judge is None:
     raise ValueError("distill.reward_source='judge' needs the judge: make_distill_step(..., "
                      'judge=(logits_fn, eos_id))')
@@ -557,12 +566,24 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
     mk_real_NxL = z_real_NxL == mask_id
 
     # ---- discriminator update: one call on 2N rows, training-mode spectral norm
+    z_2NxL = jnp.concatenate([z_real_NxL, z_fake_NxL])
+    sig_2N = jnp.concatenate([sig_c_N, sig_c_N])
+    disc_old = nnx.merge(disc_graphdef, state.disc_train, state.disc_frozen, state.spectral)
+    # Any module with the discriminator's call signature may stand in; one without `prefix`
+    # (models.discriminator.PrefixShared) runs whole.
+    share = share_prefix and hasattr(disc_old, 'prefix')
+    if share:
+      # The frozen blocks' output, computed once for the update and the reward pass (§7.4).
+      prefix_2N = jax.lax.stop_gradient(disc_old.prefix(z_2NxL, sig_2N, n_frozen))
+
     def d_loss_fn(disc_train, disc_frozen, spectral):
       # copy=True: fresh Variables at this trace level, so the u/v update may mutate them.
       disc = nnx.merge(disc_graphdef, disc_train, disc_frozen, spectral, copy=True)
-      d_2NxL = disc(jnp.concatenate([z_real_NxL, z_fake_NxL]),
-                    jnp.concatenate([sig_c_N, sig_c_N]), update_spectral=True,
-                    dropout_key=_no_key(key_drop_disc, d.dropout))
+      if share:
+        d_2NxL = disc.from_prefix(prefix_2N, n_frozen, update_spectral=True)
+      else:
+        d_2NxL = disc(z_2NxL, sig_2N, update_spectral=True,
+                      dropout_key=_no_key(key_drop_disc, d.dropout))
       d_real, d_fake = d_2NxL[:N], d_2NxL[N:]
       loss = disc_loss(d_real, d_fake, mk_real_NxL, mk_fake_NxL, d.label_smoothing)
       return loss, (nnx.state(disc, Spectral), d_real, d_fake)
@@ -573,7 +594,11 @@ def make_distill_step(cfg: ml_collections.ConfigDict, student_graphdef: nnx.Grap
 
     # ---- rewards from the UPDATED discriminator (stored u/v, no gradient)
     disc_new = nnx.merge(disc_graphdef, disc_train, state.disc_frozen, spectral)
-    d_rew_NxL = jax.lax.stop_gradient(disc_new(z_fake_NxL, sig_c_N, update_spectral=False))
+    if share:
+      d_rew_NxL = disc_new.from_prefix(jax.tree.map(lambda a: a[N:], prefix_2N), n_frozen)
+    else:
+      d_rew_NxL = disc_new(z_fake_NxL, sig_c_N, update_spectral=False)
+    d_rew_NxL = jax.lax.stop_gradient(d_rew_NxL)
     if oracle:
       r_N = jax.lax.stop_gradient(judge_reward(judge[0], x_fake_NxL, mask_id, judge[1]))
     else:

@@ -65,7 +65,31 @@ class DiscriminatorHead(nnx.Module):
     return self.main_2(jax.nn.silu(self.main_0(h_BxLxD, update)), update)[..., 0]
 
 
-class Discriminator(DiTTrunk):
+class PrefixShared:
+  """A discriminator's calls, for a trunk class with `trunk_carry`, `run_blocks` and
+  `trunk_output` and a `DiscriminatorHead` as `output_layer` (DiT and ESM).
+
+  `prefix` / `from_prefix` split one call at a block boundary: `from_prefix(prefix(x, σ, k), k)`
+  is `self(x, σ)` without dropout. A DiDi iteration runs the frozen first blocks once for the
+  discriminator's update and the reward pass (docs/method.md §7.4).
+  """
+
+  def __call__(self, x, sigma_B=None, *, soft_input: str = 'logits',
+               update_spectral: bool = False, dropout_key: Optional[Array] = None) -> Array:
+    h, _ = self.trunk(x, sigma_B, soft_input=soft_input, dropout_key=dropout_key)
+    return self.output_layer(h, update_spectral)
+
+  def prefix(self, x, sigma_B, n_blocks: int, *, soft_input: str = 'logits'):
+    """The carry after the first `n_blocks` blocks (no dropout): a pytree, rows first."""
+    return self.run_blocks(self.trunk_carry(x, sigma_B, soft_input=soft_input), 0, n_blocks)
+
+  def from_prefix(self, carry, n_blocks: int, *, update_spectral: bool = False) -> Array:
+    """Per-token logits (B, L) from a `prefix(..., n_blocks)` carry (no dropout)."""
+    h, _ = self.trunk_output(self.run_blocks(carry, n_blocks))
+    return self.output_layer(h, update_spectral)
+
+
+class Discriminator(PrefixShared, DiTTrunk):
   """(ids (B, L) or soft input (B, L, V), σ_B) -> per-token logits (B, L), float32.
 
   A soft input is logits by default, as in the official model (softmax inside); RGAS feeds
@@ -78,11 +102,6 @@ class Discriminator(DiTTrunk):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
     self.output_layer = DiscriminatorHead(cfg.hidden_size, rngs=rngs)
-
-  def __call__(self, x, sigma_B, *, soft_input: str = 'logits', update_spectral: bool = False,
-               dropout_key: Optional[Array] = None) -> Array:
-    h, _ = self.trunk(x, sigma_B, soft_input=soft_input, dropout_key=dropout_key)
-    return self.output_layer(h, update_spectral)
 
 
 def trainable_mask(params_tree, n_blocks: int, unfreeze_blocks: int):

@@ -339,24 +339,39 @@ class DiTTrunk(nnx.Module):
 
   def trunk(self, x, sigma_B, *, soft_input: str = 'logits',
             dropout_key: Optional[Array] = None, num_blocks=None):
-    """Returns (hidden_BxLxD float32, c_BxC float32). x: ids (B, L), or a soft input (B, L, V)
-    read as `soft_input` ('logits': softmax inside, the official contract; 'probs')."""
+    """Returns (hidden_BxLxD float32, c_BxC float32) after the first `num_blocks` blocks (all by
+    default). x: ids (B, L), or a soft input (B, L, V) read as `soft_input` ('logits': softmax
+    inside, the official contract; 'probs')."""
+    carry = self.trunk_carry(x, sigma_B, soft_input=soft_input)
+    return self.run_blocks(carry, 0, num_blocks, dropout_key)
+
+  def trunk_carry(self, x, sigma_B, *, soft_input: str = 'logits'):
+    """The first block's inputs: (embeddings (B, L, D), conditioning c (B, C)), float32."""
     interface.check_inputs(x, sigma_B, self.vocab_embed.embedding.shape[0])
-    h = self.vocab_embed(x, soft_input)
-    L = h.shape[1]
-    c = jax.nn.silu(self.sigma_map(sigma_B))
-    cos, sin = rotary_constants(L, self.head_dim)
-    blocks = self.blocks if num_blocks is None else self.blocks[:num_blocks]
-    keys = [None] * len(blocks)
+    return self.vocab_embed(x, soft_input), jax.nn.silu(self.sigma_map(sigma_B))
+
+  def run_blocks(self, carry, start: int = 0, stop: Optional[int] = None,
+                 dropout_key: Optional[Array] = None):
+    """Blocks [start, stop) applied to `carry` = (h, c); returns (h, c). Block i's dropout key is
+    `split(dropout_key, stop)[i]`."""
+    h, c = carry
+    stop = len(self.blocks) if stop is None else stop
+    cos, sin = rotary_constants(h.shape[1], self.head_dim)
+    keys = [None] * stop
     if dropout_key is not None and self.dropout_rate > 0:
-      keys = list(jax.random.split(dropout_key, len(blocks)))
-    for block, key in zip(blocks, keys):
+      keys = list(jax.random.split(dropout_key, stop))
+    for i in range(start, stop):
+      block, key = self.blocks[i], keys[i]
       if self.remat:
         h = nnx.remat(lambda b, h_, c_, k_: b(h_, c_, cos, sin, self.dropout_rate, k_))(
             block, h, c, key)
       else:
         h = block(h, c, cos, sin, self.dropout_rate, key)
     return h, c
+
+  def trunk_output(self, carry):
+    """(hidden, c) of a `run_blocks` carry."""
+    return carry
 
 
 class DiT(DiTTrunk):

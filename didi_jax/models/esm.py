@@ -58,7 +58,7 @@ from flax import nnx
 
 from didi_jax.errors import ConfigError
 from didi_jax.models.dit import Linear, check_soft_input, dropout
-from didi_jax.models.discriminator import DiscriminatorHead
+from didi_jax.models.discriminator import DiscriminatorHead, PrefixShared
 from didi_jax.models.layers import LayerNorm
 
 Array = jax.Array
@@ -378,22 +378,38 @@ class EsmTrunk(nnx.Module):
     """(hidden (B, L, D) float32 after the first `num_blocks` layers (all by default), before
     emb_layer_norm_after; cond (B, 0) float32, empty: ESM has no time conditioning).
     `sigma_B` is ignored."""
+    carry = self.trunk_carry(x, sigma_B, soft_input=soft_input)
+    return self.trunk_output(self.run_blocks(carry, 0, num_blocks, dropout_key))
+
+  def trunk_carry(self, x, sigma_B=None, *, soft_input: str = 'logits'):
+    """The first layer's inputs: (embeddings (B, L, D), key mask (B, L) or None)."""
     del sigma_B
-    h, valid = self.embed(x, soft_input)
-    B, L = h.shape[:2]
-    cos, sin = rotary_tables(L, self.cfg.inv_freq())
+    return self.embed(x, soft_input)
+
+  def run_blocks(self, carry, start: int = 0, stop: Optional[int] = None,
+                 dropout_key: Optional[Array] = None):
+    """Encoder layers [start, stop) applied to `carry` = (h, key mask); returns the same pair.
+    Layer i's dropout key is `split(dropout_key, stop)[i]`."""
+    h, valid = carry
     layers = self.esm.encoder.layer
-    layers = layers if num_blocks is None else layers[:num_blocks]
-    keys = [None] * len(layers)
+    stop = len(layers) if stop is None else stop
+    cos, sin = rotary_tables(h.shape[1], self.cfg.inv_freq())
+    keys = [None] * stop
     if dropout_key is not None and self.dropout_rate > 0:
-      keys = list(jax.random.split(dropout_key, len(layers)))
+      keys = list(jax.random.split(dropout_key, stop))
     rate = self.dropout_rate
-    for layer, key in zip(layers, keys):
+    for i in range(start, stop):
+      layer, key = layers[i], keys[i]
       if self.cfg.remat:
         h = nnx.remat(lambda m, h_, v_, k_: m(h_, v_, cos, sin, rate, k_))(layer, h, valid, key)
       else:
         h = layer(h, valid, cos, sin, rate, key)
-    return h, jnp.zeros((B, 0), jnp.float32)
+    return h, valid
+
+  def trunk_output(self, carry):
+    """(hidden, empty conditioning (B, 0)) of a `run_blocks` carry."""
+    h = carry[0]
+    return h, jnp.zeros((h.shape[0], 0), jnp.float32)
 
 
 class EsmProjection(nnx.Module):
@@ -457,7 +473,7 @@ def trainable_mask(params_tree, n_layers: int, unfreeze_layers: int):
   return jax.tree_util.tree_map_with_path(is_trainable, params_tree)
 
 
-class EsmDiscriminator(EsmTrunk):
+class EsmDiscriminator(PrefixShared, EsmTrunk):
   """(ids (B, L) or soft input (B, L, V), σ_B ignored) -> per-token logits (B, L), float32: the
   ESM trunk (copied from the teacher, `trunk_modules`) read after its last layer, before
   emb_layer_norm_after (as the DiT discriminator reads the last block's residual stream), and the
@@ -469,11 +485,6 @@ class EsmDiscriminator(EsmTrunk):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
     self.output_layer = DiscriminatorHead(self.cfg.hidden_size, rngs=rngs)
-
-  def __call__(self, x, sigma_B=None, *, soft_input: str = 'logits',
-               update_spectral: bool = False, dropout_key: Optional[Array] = None) -> Array:
-    h, _ = self.trunk(x, sigma_B, soft_input=soft_input, dropout_key=dropout_key)
-    return self.output_layer(h, update_spectral)
 
 
 def init_model(cfg, seed: int = 0) -> EsmForMaskedLM:
