@@ -5,7 +5,8 @@ in one table and one figure (README "DiDi-Instruct against SDTT"; docs/method.md
 Compute (`compare.budget`): 'flops' (default) gives SDTT as many training model FLOPs as DiDi's
 `distill.num_iterations` use, by the counts of `didi_jax.bench` (DiDi: the student's two-step
 rollout forward and backward, the teacher's KL forwards, the discriminator's forward, backward
-and reward forward; SDTT: two teacher forwards and the student's forward and backward per row,
+and a whole reward forward, as in the recorded comparisons, though the reward pass now runs only
+the trainable blocks (docs/method.md §14.4); SDTT: two teacher forwards and the student's forward and backward per row,
 `sdtt.flops_per_iteration`); 'iterations' gives SDTT DiDi's iteration count; 'config' keeps
 `distill.sdtt.round_iterations` as given. The total is split evenly over `distill.sdtt.rounds`.
 
