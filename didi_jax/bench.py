@@ -30,6 +30,7 @@ Tokens/s: B·L per second (train, samplers); for distill the N·L student tokens
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import importlib.util
@@ -368,8 +369,8 @@ def run_distill(cfg, batch: int, group: int, warmup: int, iters: int) -> dict:
   timing, _ = time_program(step, (state, teacher, x, key), warmup=warmup, iters=iters,
                            next_args=lambda a, out: (out[0],) + a[1:])
   d = cfg.distill
-  kl_on = d.kl.scale * max(abs(d.kl.coef_hi), abs(d.kl.coef_lo)) != 0
-  flops = distill_flops(cfg.model, batch, group, unfreeze, kl_on, distill.shares_disc_prefix(d))
+  flops = distill_flops(cfg.model, batch, group, unfreeze, distill.kl_enabled(d),
+                        distill.shares_disc_prefix(d))
   return dict(timing=timing, flops=flops['total'], flops_parts=flops, tokens=batch * group * L,
               shape=f'B={batch} G={group} L={L}', batch=batch, group=group)
 
@@ -717,7 +718,7 @@ def run(args: argparse.Namespace) -> list[dict]:
   def cfg():
     if args.config is None:
       return bench_config(args.size, args.length, args.vocab, args.dtype, args.attention)
-    c = load_config_file(args.config)        # afresh: the runners change it
+    c = copy.deepcopy(args.file_cfg)         # a copy: the runners change it
     c.model.compute_dtype = args.dtype
     if args.attention != 'auto':
       c.model.attention_impl = args.attention

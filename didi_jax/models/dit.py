@@ -343,7 +343,7 @@ class DiTTrunk(nnx.Module):
     default). x: ids (B, L), or a soft input (B, L, V) read as `soft_input` ('logits': softmax
     inside, the official contract; 'probs')."""
     carry = self.trunk_carry(x, sigma_B, soft_input=soft_input)
-    return self.run_blocks(carry, 0, num_blocks, dropout_key)
+    return self.trunk_output(self.run_blocks(carry, 0, num_blocks, dropout_key))
 
   def trunk_carry(self, x, sigma_B, *, soft_input: str = 'logits'):
     """The first block's inputs: (embeddings (B, L, D), conditioning c (B, C)), float32."""
