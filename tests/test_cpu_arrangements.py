@@ -22,15 +22,21 @@ def _qkv(seed, shape=(2, 16, 3, 8)):
   return [2.0 * jax.random.normal(k, shape, jnp.float32) for k in ks]
 
 
+@pytest.mark.parametrize('halving', [False, True])
 @pytest.mark.parametrize('head_dim', [8, 64])
-def test_cpu_attention_values_and_gradients_are_the_librarys(head_dim):
-  """Scaled-q, normalise-after-the-product attention = softmax(q kᵀ/√Dh) v: values and the
-  gradients autodiff takes through it, against `jax.nn.dot_product_attention` (XLA math)."""
+def test_cpu_attention_values_and_gradients_are_the_librarys(head_dim, halving):
+  """Scaled-q, normalise-after-the-product attention = softmax(q kᵀ/√Dh) v: values and its
+  written-out gradient (custom VJP) against `jax.nn.dot_product_attention` (XLA math, autodiff),
+  with the row max by `jnp.max` and by halving."""
   q, k, v, w = _qkv(head_dim, (2, 16, 3, head_dim))
 
   def loss(fn):
     return lambda q, k, v: jnp.sum(w * fn(q, k, v))
-  ours = jax.jit(dit.cpu_attention)(q, k, v)
+
+  def attention(q, k, v):
+    with dit.row_max_by_halving(halving):
+      return dit.cpu_attention(q, k, v)
+  ours = jax.jit(attention)(q, k, v)
   ref = jax.nn.dot_product_attention(q, k, v, implementation='xla')
   np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-6)
   # An independent NumPy float64 softmax attention, too.
@@ -39,11 +45,39 @@ def test_cpu_attention_values_and_gradients_are_the_librarys(head_dim):
   p = np.exp(s - s.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   np.testing.assert_allclose(ours, (p @ vn).transpose(0, 2, 1, 3), rtol=2e-5, atol=2e-6)
-  g_ours = jax.jit(jax.grad(loss(dit.cpu_attention), (0, 1, 2)))(q, k, v)
+  g_ours = jax.jit(jax.grad(loss(attention), (0, 1, 2)))(q, k, v)
   g_ref = jax.grad(loss(lambda *a: jax.nn.dot_product_attention(*a, implementation='xla')),
                    (0, 1, 2))(q, k, v)
   for a, b in zip(g_ours, g_ref):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_cpu_attention_row_max_modes_agree_bitwise_and_bf16_gradients():
+  """The row max by halving and by `jnp.max` are the same number, so values and gradients are
+  bit-identical; bfloat16 inputs get gradients in bfloat16 close to float32 autodiff's."""
+  q, k, v, w = _qkv(3, (2, 32, 2, 16))
+
+  def grads(halving, dtype):
+    def loss(q, k, v):
+      with dit.row_max_by_halving(halving):
+        out = dit.cpu_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype))
+      return jnp.sum(w * out.astype(jnp.float32)), out
+    (_, out), g = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+    return out, g
+  out_a, g_a = grads(False, jnp.float32)
+  out_b, g_b = grads(True, jnp.float32)
+  np.testing.assert_array_equal(out_a, out_b)
+  for a, b in zip(g_a, g_b):
+    np.testing.assert_array_equal(a, b)
+  out16, g16 = grads(False, jnp.bfloat16)
+  assert out16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out16, np.float32), out_a,
+                             atol=0.03 * float(np.max(np.abs(out_a))))
+  g_ref = jax.grad(lambda q, k, v: jnp.sum(w * jax.nn.dot_product_attention(
+      q, k, v, implementation='xla')), (0, 1, 2))(q, k, v)
+  for a, b in zip(g16, g_ref):
+    scale = float(np.max(np.abs(b)))
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.03 * scale)
 
 
 @pytest.mark.parametrize('n', [7, 32, 256, 300, 1024])

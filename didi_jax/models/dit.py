@@ -13,6 +13,8 @@ uses. Integer ids ignore it.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import Optional
@@ -218,6 +220,24 @@ def row_max(x: Array) -> Array:
   return jnp.max(x, axis=-1, keepdims=True)
 
 
+# How `cpu_attention` takes the scores' row max: False = `jnp.max`, which XLA's CPU library
+# reductions fuse with the score product and the exponential (its default compile options);
+# True = `row_max`, for programs compiled without those reductions (the sampler's
+# `CPU_FORWARD_OPTIONS`), where a long row max runs as a slow windowed reduction. Read at trace time.
+_ROW_MAX_BY_HALVING = contextvars.ContextVar('didi_jax_row_max_by_halving', default=False)
+
+
+@contextlib.contextmanager
+def row_max_by_halving(enabled: bool = True):
+  """Programs traced inside take `cpu_attention`'s row max by halving (`row_max`); the same value
+  either way (a max is exact), only the speed differs with the program's compile options."""
+  token = _ROW_MAX_BY_HALVING.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _ROW_MAX_BY_HALVING.reset(token)
+
+
 def cpu_attention(q_BxLxHxD: Array, k_BxLxHxD: Array, v_BxLxHxD: Array) -> Array:
   """`jax.nn.dot_product_attention`'s math in (B, H, L, Dh) layout, arranged for XLA's CPU backend.
 
@@ -225,17 +245,58 @@ def cpu_attention(q_BxLxHxD: Array, k_BxLxHxD: Array, v_BxLxHxD: Array) -> Array
   the last bits): q is scaled before the product (over (L, Dh), not (L, L): the backend
   materialised the scale as a (B, H, L, L) array for its library fusion); the softmax's
   normalisation is applied after the product with v, o = (e v) / Σe with e = exp(s − max s), so
-  the (L, L) probabilities are never divided and the backward's reduction runs over Dh instead of
-  L; the max is `row_max`. The unnormalised e (≤ 1) is cast to v's dtype for the product.
+  the (L, L) probabilities are never divided; the max is `jnp.max`, or `row_max` inside
+  `row_max_by_halving()`. The unnormalised e (≤ 1) is cast to v's dtype for the product.
+
+  The gradient is written out (a custom VJP of the same math, float32): every (L, L) product has
+  its contracted axis last in the left operand, the form XLA's CPU backend runs fast; autodiff
+  gave two of the four backward products a transposed left operand, which ran at a third of that
+  speed (BENCHMARKS.md).
   """
+  return _cpu_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, _ROW_MAX_BY_HALVING.get())
+
+
+def _cpu_attention_fwd(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, halving):
   scale = 1.0 / math.sqrt(q_BxLxHxD.shape[-1])
   q_BxLxHxD = (q_BxLxHxD.astype(jnp.float32) * jnp.float32(scale)).astype(q_BxLxHxD.dtype)
   q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
   s = jnp.einsum('bhld,bhmd->bhlm', q, k, preferred_element_type=jnp.float32)
-  e = jnp.exp(s - jax.lax.stop_gradient(row_max(s)))
+  m = row_max(s) if halving else jnp.max(s, axis=-1, keepdims=True)
+  e = jnp.exp(s - m)
   denom = jnp.sum(e, axis=-1, keepdims=True)
-  o = jnp.einsum('bhlm,bhmd->bhld', e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return jnp.swapaxes((o / denom).astype(v.dtype), 1, 2)
+  o = jnp.einsum('bhlm,bhmd->bhld', e.astype(v.dtype), v,
+                 preferred_element_type=jnp.float32) / denom
+  return jnp.swapaxes(o.astype(v.dtype), 1, 2), (q, k, v, e, denom, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _cpu_attention(q, k, v, halving):
+  return _cpu_attention_fwd(q, k, v, halving)[0]
+
+
+def _cpu_attention_bwd(halving, res, g_BxLxHxD):
+  """o = (e v)/Σe, e = exp(s − m), s = (q/√Dh) kᵀ (m a constant: softmax is shift-invariant):
+  ∂e = (g/Σe) vᵀ − rowsum(g·o)/Σe, ∂s = e ∂e, ∂q = ∂s k/√Dh, ∂k = ∂sᵀ q/√Dh, ∂v = eᵀ (g/Σe)."""
+  del halving
+  q, k, v, e, denom, o = res            # (B, H, L, Dh) in the input dtypes; e, Σe, o float32
+  f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  g = jnp.swapaxes(f32(g_BxLxHxD), 1, 2)
+  g_n = g / denom                                                   # ∂(e v)
+  de = jnp.einsum('bhld,bhmd->bhlm', g_n, f32(v)) - jnp.sum(g_n * o, axis=-1, keepdims=True)
+  ds = e * de
+  dq = jnp.einsum('bhlm,bhmd->bhld', ds, f32(k)) * jnp.float32(scale)
+  # ∂kᵀ = qᵀ ∂s and ∂vᵀ = (g/Σe)ᵀ e with the (Dh, L) left operands made explicitly: products of
+  # the (L, L) arrays as right operands, never transposed.
+  dk_t = jnp.einsum('bhdl,bhlm->bhdm', jnp.swapaxes(f32(q), 2, 3), ds)
+  dv_t = jnp.einsum('bhdl,bhlm->bhdm', jnp.swapaxes(g, 2, 3) / jnp.swapaxes(denom, 2, 3), e)
+  return (jnp.swapaxes(dq, 1, 2).astype(q.dtype),
+          jnp.transpose(dk_t, (0, 3, 1, 2)).astype(k.dtype),
+          jnp.transpose(dv_t, (0, 3, 1, 2)).astype(v.dtype))
+
+
+_cpu_attention.defvjp(lambda q, k, v, halving: _cpu_attention_fwd(q, k, v, halving),
+                      _cpu_attention_bwd)
 
 
 def dropout(x: Array, rate: float, key: Optional[Array]) -> Array:

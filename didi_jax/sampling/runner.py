@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from didi_jax import parallel
+from didi_jax.models import dit
 from didi_jax.sampling import categorical, cost as cost_lib
 from didi_jax.sampling import sample_from_config
 from jax.experimental import multihost_utils
@@ -72,7 +73,14 @@ def make_sample_fn(sampler_cfg, denoiser, disc=None, *, batch_size: int, length:
                               features_fn=lambda x, s: model.features(x, s),
                               project_fn=model.projection,
                               x_init=x_init)
-  return jax.jit(fn, compiler_options=forward_compiler_options())
+  options = forward_compiler_options()
+
+  def traced(*args):
+    # Without XLA's library reductions (CPU_FORWARD_OPTIONS) the attention's row max runs fast
+    # only by halving (models.dit.row_max_by_halving).
+    with dit.row_max_by_halving(options is not None):
+      return fn(*args)
+  return jax.jit(traced, compiler_options=options)
 
 
 def host_value(x) -> np.ndarray:
