@@ -194,6 +194,50 @@ def apply_rotary(x_BxLxHxD: Array, cos_LxD: Array, sin_LxD: Array) -> Array:
   return out.astype(x_BxLxHxD.dtype)
 
 
+@jax.custom_vjp
+def split_qkv(qkv_BxLx3xHxD: Array, cos_LxD: Array, sin_LxD: Array):
+  """(q, k, v) = (rotary(qkv[:, :, 0]), rotary(qkv[:, :, 1]), qkv[:, :, 2]).
+
+  Its gradient is written out (the same math): ∂qkv is one stack of the three cotangents, q's and
+  k's through the transposed rotation (x₁c − x₂s, x₂c + x₁s)ᵀ: d₁c + d₂s, d₂c − d₁s. Autodiff
+  padded each slice's cotangent to the whole (B, L, 3, H, Dh) and added them, which XLA's CPU
+  backend ran as one slow fusion per block (BENCHMARKS.md). cos/sin get their exact cotangents.
+  """
+  return (apply_rotary(qkv_BxLx3xHxD[:, :, 0], cos_LxD, sin_LxD),
+          apply_rotary(qkv_BxLx3xHxD[:, :, 1], cos_LxD, sin_LxD), qkv_BxLx3xHxD[:, :, 2])
+
+
+def _split_qkv_fwd(qkv, cos, sin):
+  return split_qkv(qkv, cos, sin), (qkv, cos, sin)
+
+
+def _split_qkv_bwd(res, g):
+  qkv, cos_LxD, sin_LxD = res
+  half = qkv.shape[-1] // 2
+  cos = cos_LxD[None, :, None, :]
+  sin = sin_LxD[None, :, None, :]
+
+  def rotary_t(d):                      # the transposed rotation, float32 as the forward
+    d = d.astype(jnp.float32)
+    d1, d2 = d[..., :half], d[..., half:]
+    return jnp.concatenate([d1 * cos[..., :half] + d2 * sin[..., half:],
+                            d2 * cos[..., half:] - d1 * sin[..., :half]], axis=-1)
+  dq, dk, dv = g
+  d_qkv = jnp.stack([rotary_t(dq).astype(qkv.dtype), rotary_t(dk).astype(qkv.dtype),
+                     dv.astype(qkv.dtype)], axis=2)
+  # ∂cos, ∂sin: out₁ = x₁c₁ − x₂s₁, out₂ = x₂c₂ + x₁s₂ summed over batch, heads, and q and k.
+  x = qkv[:, :, :2].astype(jnp.float32)                               # (B, L, 2, H, Dh)
+  d = jnp.stack([dq, dk], axis=2).astype(jnp.float32)
+  x1, x2, d1, d2 = x[..., :half], x[..., half:], d[..., :half], d[..., half:]
+  total = lambda a: jnp.sum(a, axis=(0, 2, 3))                        # noqa: E731  -> (L, Dh/2)
+  d_cos = jnp.concatenate([total(d1 * x1), total(d2 * x2)], axis=-1)
+  d_sin = jnp.concatenate([total(-d1 * x2), total(d2 * x1)], axis=-1)
+  return d_qkv, d_cos.astype(cos_LxD.dtype), d_sin.astype(sin_LxD.dtype)
+
+
+split_qkv.defvjp(_split_qkv_fwd, _split_qkv_bwd)
+
+
 def attention(q_BxLxHxD: Array, k_BxLxHxD: Array, v_BxLxHxD: Array, impl: str) -> Array:
   """Bidirectional softmax(q kᵀ / √Dh) v per head; (B, L, H, Dh) in and out, in q's dtype.
 
@@ -356,9 +400,7 @@ class DiTBlock(nnx.Module):
 
     u = self.norm1.modulated(h_BxLxD, shift_a, scale_a)
     qkv = self.attn_qkv(u).reshape(B, L, 3, H, D // H)
-    q = apply_rotary(qkv[:, :, 0], cos, sin)
-    k = apply_rotary(qkv[:, :, 1], cos, sin)
-    v = qkv[:, :, 2]
+    q, k, v = split_qkv(qkv, cos, sin)
     a = attention(q, k, v, self.attention_impl).reshape(B, L, D)
     h = h_BxLxD + gate_a * dropout(self.attn_out(a), rate, k1)
 
