@@ -1,6 +1,7 @@
 """The CPU arrangements of the DiT's math (docs/method.md §3.2 "Order of operations") and the host
 memory policy (didi_jax.hostmem): same values as the literal formulas, pinned by value."""
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -55,7 +56,15 @@ def test_cpu_attention_values_and_gradients_are_the_librarys(head_dim, halving):
 def test_cpu_attention_row_max_modes_agree_bitwise_and_bf16_gradients():
   """The row max by halving and by `jnp.max` are the same number, so values and gradients are
   bit-identical; bfloat16 inputs get gradients in bfloat16 close to float32 autodiff's."""
-  q, k, v, w = _qkv(3, (2, 32, 2, 16))
+  q, k, v, w = _qkv(3, (2, 64, 2, 16))      # L = 64: the halving takes one step
+
+  def elementwise_max(halving):
+    def attention(q, k, v):
+      with dit.row_max_by_halving(halving):
+        return dit.cpu_attention(q, k, v)
+    return re.search(r'(?<![\w])max\b', str(jax.make_jaxpr(attention)(q, k, v))) is not None
+  # The switch is honoured: elementwise maxima of halves only inside row_max_by_halving().
+  assert elementwise_max(True) and not elementwise_max(False)
 
   def grads(halving, dtype):
     def loss(q, k, v):

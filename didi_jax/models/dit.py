@@ -214,17 +214,13 @@ def _split_qkv_fwd(qkv, cos, sin):
 def _split_qkv_bwd(res, g):
   qkv, cos_LxD, sin_LxD = res
   half = qkv.shape[-1] // 2
-  cos = cos_LxD[None, :, None, :]
-  sin = sin_LxD[None, :, None, :]
-
-  def rotary_t(d):                      # the transposed rotation, float32 as the forward
-    d = d.astype(jnp.float32)
-    d1, d2 = d[..., :half], d[..., half:]
-    return jnp.concatenate([d1 * cos[..., :half] + d2 * sin[..., half:],
-                            d2 * cos[..., half:] - d1 * sin[..., :half]], axis=-1)
+  # The transposed rotation is the rotation with sin' = −(sin's halves swapped):
+  # d₁c₁ − d₂s₁' = d₁c₁ + d₂s₂ and d₂c₂ + d₁s₂' = d₂c₂ − d₁s₁.
+  sin_t = -jnp.roll(sin_LxD, half, axis=-1)
   dq, dk, dv = g
-  d_qkv = jnp.stack([rotary_t(dq).astype(qkv.dtype), rotary_t(dk).astype(qkv.dtype),
-                     dv.astype(qkv.dtype)], axis=2)
+  d_qkv = jnp.stack([apply_rotary(dq, cos_LxD, sin_t).astype(qkv.dtype),
+                     apply_rotary(dk, cos_LxD, sin_t).astype(qkv.dtype), dv.astype(qkv.dtype)],
+                    axis=2)
   # ∂cos, ∂sin: out₁ = x₁c₁ − x₂s₁, out₂ = x₂c₂ + x₁s₂ summed over batch, heads, and q and k.
   x = qkv[:, :, :2].astype(jnp.float32)                               # (B, L, 2, H, Dh)
   d = jnp.stack([dq, dk], axis=2).astype(jnp.float32)
@@ -331,7 +327,8 @@ def _cpu_attention_bwd(halving, res, g_BxLxHxD):
   ds = e * de
   dq = jnp.einsum('bhlm,bhmd->bhld', ds, f32(k)) * jnp.float32(scale)
   # ∂kᵀ = qᵀ ∂s and ∂vᵀ = (g/Σe)ᵀ e with the (Dh, L) left operands made explicitly: products of
-  # the (L, L) arrays as right operands, never transposed.
+  # the (L, L) arrays as right operands, never transposed. (g/Σe)ᵀ is divided in the transposed
+  # layout: a transpose of g_n would be folded back into the product by XLA.
   dk_t = jnp.einsum('bhdl,bhlm->bhdm', jnp.swapaxes(f32(q), 2, 3), ds)
   dv_t = jnp.einsum('bhdl,bhlm->bhdm', jnp.swapaxes(g, 2, 3) / jnp.swapaxes(denom, 2, 3), e)
   return (jnp.swapaxes(dq, 1, 2).astype(q.dtype),
@@ -339,8 +336,7 @@ def _cpu_attention_bwd(halving, res, g_BxLxHxD):
           jnp.transpose(dv_t, (0, 3, 1, 2)).astype(v.dtype))
 
 
-_cpu_attention.defvjp(lambda q, k, v, halving: _cpu_attention_fwd(q, k, v, halving),
-                      _cpu_attention_bwd)
+_cpu_attention.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
 
 
 def dropout(x: Array, rate: float, key: Optional[Array]) -> Array:
