@@ -291,12 +291,30 @@ def cpu_attention(q_BxLxHxD: Array, k_BxLxHxD: Array, v_BxLxHxD: Array) -> Array
   The gradient is written out (a custom VJP of the same math, float32): every (L, L) product has
   its contracted axis last in the left operand, the form XLA's CPU backend runs fast; autodiff
   gave two of the four backward products a transposed left operand, which ran at a third of that
-  speed (BENCHMARKS.md).
+  speed (BENCHMARKS.md). Under differentiation the products that would stand alone in XLA's
+  library fusions (e·v, ∂q, ∂kᵀ, ∂vᵀ) go through `library_threaded`: same values, both cores.
   """
   return _cpu_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, _ROW_MAX_BY_HALVING.get())
 
 
-def _cpu_attention_fwd(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, halving):
+def library_threaded(x: Array) -> Array:
+  """x's values, arranged so that XLA's CPU library splits the product that makes x over the cores.
+
+  max(row min, x) with the min over the last axis: every entry is at least its row's minimum, so
+  the value is x's, bit for bit, in every row without a NaN; a NaN never disappears (XLA's
+  library maximum returns its second operand x when either is NaN; XLA's own maximum propagates
+  the NaN to the row). Why: XLA's CPU library (YNNPACK) runs a (B·H)-batched product of
+  (256, 256) and (256, 48) matrices that sits alone in its fusion on one thread (it splits the
+  work within one matrix, and these are below its threshold), but splits a fusion that also
+  reduces over both cores. Attention forward + backward at B=32, L=256, 4 heads of 48: 36.0 →
+  24.9 ms on 2 cores (BENCHMARKS.md). Used on the attention products that would stand alone:
+  the forward's e·v when its residuals are kept for the gradient (under the primal, XLA fuses
+  e·v with the scores already), and the three backward products that make ∂q, ∂kᵀ, ∂vᵀ.
+  """
+  return jnp.maximum(jnp.min(x, axis=-1, keepdims=True), x)
+
+
+def _cpu_attention_impl(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, halving, threaded):
   scale = 1.0 / math.sqrt(q_BxLxHxD.shape[-1])
   q_BxLxHxD = (q_BxLxHxD.astype(jnp.float32) * jnp.float32(scale)).astype(q_BxLxHxD.dtype)
   q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
@@ -304,14 +322,18 @@ def _cpu_attention_fwd(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, halving):
   m = row_max(s) if halving else jnp.max(s, axis=-1, keepdims=True)
   e = jnp.exp(s - m)
   denom = jnp.sum(e, axis=-1, keepdims=True)
-  o = jnp.einsum('bhlm,bhmd->bhld', e.astype(v.dtype), v,
-                 preferred_element_type=jnp.float32) / denom
+  o = jnp.einsum('bhlm,bhmd->bhld', e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  o = (library_threaded(o) if threaded else o) / denom
   return jnp.swapaxes(o.astype(v.dtype), 1, 2), (q, k, v, e, denom, o)
+
+
+def _cpu_attention_fwd(q, k, v, halving):
+  return _cpu_attention_impl(q, k, v, halving, True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _cpu_attention(q, k, v, halving):
-  return _cpu_attention_fwd(q, k, v, halving)[0]
+  return _cpu_attention_impl(q, k, v, halving, False)[0]
 
 
 def _cpu_attention_bwd(halving, res, g_BxLxHxD):
@@ -325,12 +347,13 @@ def _cpu_attention_bwd(halving, res, g_BxLxHxD):
   g_n = g / denom                                                   # ∂(e v)
   de = jnp.einsum('bhld,bhmd->bhlm', g_n, f32(v)) - jnp.sum(g_n * o, axis=-1, keepdims=True)
   ds = e * de
-  dq = jnp.einsum('bhlm,bhmd->bhld', ds, f32(k)) * jnp.float32(scale)
+  dq = library_threaded(jnp.einsum('bhlm,bhmd->bhld', ds, f32(k))) * jnp.float32(scale)
   # ∂kᵀ = qᵀ ∂s and ∂vᵀ = (g/Σe)ᵀ e with the (Dh, L) left operands made explicitly: products of
   # the (L, L) arrays as right operands, never transposed. (g/Σe)ᵀ is divided in the transposed
   # layout: a transpose of g_n would be folded back into the product by XLA.
-  dk_t = jnp.einsum('bhdl,bhlm->bhdm', jnp.swapaxes(f32(q), 2, 3), ds)
-  dv_t = jnp.einsum('bhdl,bhlm->bhdm', jnp.swapaxes(g, 2, 3) / jnp.swapaxes(denom, 2, 3), e)
+  dk_t = library_threaded(jnp.einsum('bhdl,bhlm->bhdm', jnp.swapaxes(f32(q), 2, 3), ds))
+  dv_t = library_threaded(
+      jnp.einsum('bhdl,bhlm->bhdm', jnp.swapaxes(g, 2, 3) / jnp.swapaxes(denom, 2, 3), e))
   return (jnp.swapaxes(dq, 1, 2).astype(q.dtype),
           jnp.transpose(dk_t, (0, 3, 1, 2)).astype(k.dtype),
           jnp.transpose(dv_t, (0, 3, 1, 2)).astype(v.dtype))
