@@ -95,9 +95,11 @@ def cpu_only(environ=None) -> bool:
 
 def _host_memory() -> None:
   """CPU runs reuse freed host memory instead of page-faulting it in again every step
-  (`didi_jax.hostmem`; DIDI_JAX_MALLOC=system opts out)."""
-  if cpu_only() and hostmem.wanted():
-    hostmem.keep_freed_memory()
+  (`didi_jax.hostmem`; DIDI_JAX_MALLOC=system opts out), the heap it grows into marked for
+  transparent huge pages (DIDI_JAX_MALLOC=nohuge leaves that out)."""
+  if cpu_only() and hostmem.wanted() and hostmem.keep_freed_memory():
+    if hostmem.huge_pages_wanted():
+      hostmem.advise_huge_pages()
 
 
 _host_memory()

@@ -211,6 +211,50 @@ def test_freed_host_memory_is_reused_without_page_faults():
   assert faults({'DIDI_JAX_MALLOC': 'system'}) > 20000
 
 
+_HUGE = textwrap.dedent('''
+    import ctypes
+    import didi_jax
+    libc = ctypes.CDLL('libc.so.6')
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    n = 64 * 2 ** 20
+    p = libc.malloc(n); ctypes.memset(p, 1, n)            # as XLA's buffers, after the import
+    advised, size = 0, 0
+    for line in open('/proc/self/smaps'):
+      head = line.split()
+      if '-' in head[0] and len(head) >= 5:               # a mapping's first line: its range
+        lo, hi = (int(x, 16) for x in head[0].split('-')); size = hi - lo
+      elif head[0] == 'VmFlags:' and 'hg' in head[1:]:    # madvise(MADV_HUGEPAGE) on it
+        advised += size
+    huge = [int(l.split()[1]) * 1024 for l in open('/proc/self/smaps_rollup')
+            if l.startswith('AnonHugePages:')][0]
+    print(advised, huge)
+    ''')
+
+
+@pytest.mark.skipif(hostmem._glibc() is None or not hostmem.thp_available(),
+                    reason='glibc malloc and a kernel with transparent huge pages only (Linux)')
+def test_the_heap_is_advised_for_huge_pages_and_gets_them():
+  """A CPU-only import marks 1.75 GiB of the heap MADV_HUGEPAGE (the VmFlags 'hg' of
+  /proc/self/smaps), and 64 MiB malloc'ed and touched afterwards lie in 2 MiB pages;
+  DIDI_JAX_MALLOC=nohuge keeps the malloc policy without it, =system leaves both out."""
+  def measure(extra):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **extra)
+    for k in ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_', 'GLIBC_TUNABLES',
+              'DIDI_JAX_MALLOC'):
+      if k not in extra:
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, '-c', _HUGE], env=env, capture_output=True,
+                         text=True, check=True, timeout=120)
+    return [int(x) for x in out.stdout.split()[-2:]]
+  advised, huge = measure({})
+  assert hostmem.HUGE_RESERVE - 2 * hostmem.HUGE_PAGE <= advised <= hostmem.HUGE_RESERVE
+  assert huge >= 32 * 2 ** 20          # at least half of the 64 MiB (the kernel may lack pages)
+  for opt in ('nohuge', 'system'):
+    assert measure({'DIDI_JAX_MALLOC': opt})[0] == 0
+  assert hostmem.huge_pages_wanted({}) and not hostmem.huge_pages_wanted(
+      {'DIDI_JAX_MALLOC': 'nohuge'})
+
+
 def test_split_qkv_values_and_written_out_gradient_are_autodiffs():
   """`split_qkv` (rotary q and k, plain v) and its written-out VJP (one stack, the transposed
   rotation; cos/sin cotangents) against autodiff of the literal slices: with random tables whose
