@@ -175,6 +175,17 @@ def test_host_memory_policy_respects_the_user():
   assert not hostmem.wanted({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'})
 
 
+def _cpu_only_run(script: str, extra: dict) -> str:
+  """stdout of `script` in a fresh CPU-only Python with this checkout importable; the malloc
+  settings of the environment removed except those in `extra`."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **extra)
+  for k in (*hostmem._USER_SETTINGS, hostmem.OPT_OUT):
+    if k not in extra:
+      env.pop(k, None)
+  return subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                        check=True, timeout=120).stdout
+
+
 _FAULTS = textwrap.dedent('''
     import ctypes, resource, threading
     import didi_jax
@@ -199,14 +210,7 @@ def test_freed_host_memory_is_reused_without_page_faults():
   applies it on a CPU-only import) the second allocation reuses the heap (no page faults);
   DIDI_JAX_MALLOC=system leaves glibc's default, which maps it afresh (25,600 pages)."""
   def faults(extra):
-    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **extra)
-    for k in ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_', 'GLIBC_TUNABLES',
-              'DIDI_JAX_MALLOC'):
-      if k not in extra:
-        env.pop(k, None)
-    out = subprocess.run([sys.executable, '-c', _FAULTS], env=env, capture_output=True,
-                         text=True, check=True, timeout=120)
-    return int(out.stdout.strip().splitlines()[-1])
+    return int(_cpu_only_run(_FAULTS, extra).strip().splitlines()[-1])
   assert faults({}) < 1000
   assert faults({'DIDI_JAX_MALLOC': 'system'}) > 20000
 
@@ -238,14 +242,7 @@ def test_the_heap_is_advised_for_huge_pages_and_gets_them():
   /proc/self/smaps), and 64 MiB malloc'ed and touched afterwards lie in 2 MiB pages;
   DIDI_JAX_MALLOC=nohuge keeps the malloc policy without it, =system leaves both out."""
   def measure(extra):
-    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **extra)
-    for k in ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_', 'GLIBC_TUNABLES',
-              'DIDI_JAX_MALLOC'):
-      if k not in extra:
-        env.pop(k, None)
-    out = subprocess.run([sys.executable, '-c', _HUGE], env=env, capture_output=True,
-                         text=True, check=True, timeout=120)
-    return [int(x) for x in out.stdout.split()[-2:]]
+    return [int(x) for x in _cpu_only_run(_HUGE, extra).split()[-2:]]
   advised, huge = measure({})
   assert hostmem.HUGE_RESERVE - 2 * hostmem.HUGE_PAGE <= advised <= hostmem.HUGE_RESERVE
   assert huge >= 32 * 2 ** 20          # at least half of the 64 MiB (the kernel may lack pages)
