@@ -210,3 +210,56 @@ def test_full_disk_in_pretraining_is_one_line_then_resumes_exactly(tmp_path, cap
   assert steps()[-1] == '3' and all(s.isdigit() for s in steps())   # leftovers gone
   assert_same(params(work, 'teacher'), params(ref, 'teacher'))
   assert read_metrics(work) == read_metrics(ref)    # every step once, the same values
+
+
+def _ci_run_with(tmp_path, avail_kib: dict, tmpdir: str):
+  """`.ci/run` (a copy, in an empty tree) with `df` and `python3` faked: `df` answers from
+  `avail_kib` ({path: (filesystem, free KiB)}), `python3` stands for the virtualenv step that
+  follows the room check and only says it was reached (exit 7)."""
+  tree = tmp_path / 'tree'
+  (tree / '.ci').mkdir(parents=True)
+  with open(os.path.join(ROOT, '.ci', 'run'), encoding='utf-8') as f:
+    (tree / '.ci' / 'run').write_text(f.read())
+  bindir = tmp_path / 'bin'
+  bindir.mkdir()
+  table = '\n'.join(f'{p}) echo "{fs} 100 1 {kib} 1% {p}" ;;'
+                    for p, (fs, kib) in avail_kib.items())
+  (bindir / 'df').write_text('#!/usr/bin/env bash\nfor a in "$@"; do p="$a"; done\n'
+                             'p="$(cd "$p" && pwd -P)"\necho "Filesystem 1K-blocks Used '
+                             'Available Capacity Mounted"\ncase "$p" in\n' + table + '\n'
+                             '*) echo "unknown path $p" >&2; exit 2 ;;\nesac\n')
+  (bindir / 'python3').write_text('#!/usr/bin/env bash\necho "REACHED python3 $*"\nexit 7\n')
+  for name in ('shellcheck', 'apt-get'):  # the install step, whatever the machine has
+    (bindir / name).write_text('#!/usr/bin/env bash\nexit 0\n')
+  for f in bindir.iterdir():
+    f.chmod(0o755)
+  env = dict(os.environ, PATH=f'{bindir}{os.pathsep}{os.environ["PATH"]}', TMPDIR=tmpdir)
+  return subprocess.run(['bash', str(tree / '.ci' / 'run')], capture_output=True, text=True,
+                        env=env, check=False, timeout=60)
+
+
+GiB = 1024 * 1024   # in KiB
+
+
+@pytest.mark.parametrize('tree_free,tmp_free,same_fs,ok', [
+    (4.0, None, True, True), (3.9, None, True, False),          # one filesystem: 4 GiB in all
+    (3.0, 1.0, False, True), (2.9, 5.0, False, False), (9.0, 0.9, False, False)])
+def test_ci_run_checks_for_disk_room_first(tmp_path, tree_free, tmp_free, same_fs, ok):
+  """A full disk stops CI with one line naming the fix before pip starts (the CI run of
+  2026-12-07 died in pip with ENOSPC): 4 GiB where the tree and TMPDIR share a filesystem, else
+  3 GiB for the tree and 1 GiB for TMPDIR."""
+  tmpdir = tmp_path / 'tmpdir'
+  tmpdir.mkdir()
+  tree = str((tmp_path / 'tree').resolve())
+  avail = {tree: ('/dev/a', int(tree_free * GiB))}
+  avail[str(tmpdir.resolve())] = ('/dev/a', int(tree_free * GiB)) if same_fs else (
+      '/dev/b', int(tmp_free * GiB))
+  proc = _ci_run_with(tmp_path, avail, str(tmpdir))
+  if ok:
+    assert 'REACHED python3 -m venv .venv' in proc.stdout, proc.stderr
+    assert proc.returncode == 7 and '.ci/run:' not in proc.stderr, proc.stderr
+  else:
+    assert proc.returncode == 1 and 'REACHED' not in proc.stdout, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('.ci/run: ') and 'free' in lines[0], lines
+    assert ('TMPDIR' in lines[0]) == (tmp_free is not None and tmp_free < 1), lines

@@ -408,7 +408,7 @@ def _launch_scripts():
 
 def test_launch_scripts_pass_shellcheck():
   import shutil  # pylint: disable=import-outside-toplevel
-  scripts = _launch_scripts()
+  scripts = _launch_scripts() + [os.path.join(ROOT, '.ci', 'run')]
   assert {os.path.relpath(p, ROOT) for p in scripts} >= {
       'launch/local/multiprocess_cpu.sh', 'launch/gpu/slurm.sbatch', 'launch/tpu/pod.sh'}
   if shutil.which('shellcheck') is None:
