@@ -243,17 +243,22 @@ GiB = 1024 * 1024   # in KiB
 
 @pytest.mark.parametrize('tree_free,tmp_free,same_fs,ok', [
     (4.0, None, True, True), (3.9, None, True, False),          # one filesystem: 4 GiB in all
-    (3.0, 1.0, False, True), (2.9, 5.0, False, False), (9.0, 0.9, False, False)])
+    (3.0, 1.0, False, True), (2.9, 5.0, False, False), (9.0, 0.9, False, False),
+    (3.0, 1.0, None, True)])                                    # TMPDIR missing: /tmp is used
 def test_ci_run_checks_for_disk_room_first(tmp_path, tree_free, tmp_free, same_fs, ok):
   """A full disk stops CI with one line naming the fix before pip starts (the CI run of
   2026-12-07 died in pip with ENOSPC): 4 GiB where the tree and TMPDIR share a filesystem, else
-  3 GiB for the tree and 1 GiB for TMPDIR."""
+  3 GiB for the tree and 1 GiB for TMPDIR (/tmp where TMPDIR is not a folder, as Python's
+  tempfile does)."""
   tmpdir = tmp_path / 'tmpdir'
-  tmpdir.mkdir()
   tree = str((tmp_path / 'tree').resolve())
   avail = {tree: ('/dev/a', int(tree_free * GiB))}
-  avail[str(tmpdir.resolve())] = ('/dev/a', int(tree_free * GiB)) if same_fs else (
-      '/dev/b', int(tmp_free * GiB))
+  if same_fs is None:   # TMPDIR names no folder: the check must look at /tmp instead
+    avail[os.path.realpath('/tmp')] = ('/dev/b', int(tmp_free * GiB))
+  else:
+    tmpdir.mkdir()
+    avail[str(tmpdir.resolve())] = ('/dev/a', int(tree_free * GiB)) if same_fs else (
+        '/dev/b', int(tmp_free * GiB))
   proc = _ci_run_with(tmp_path, avail, str(tmpdir))
   if ok:
     assert 'REACHED python3 -m venv .venv' in proc.stdout, proc.stderr
