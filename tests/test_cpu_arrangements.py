@@ -314,3 +314,43 @@ def test_cpu_attention_gradient_with_library_threaded_is_bitwise_without_it(monk
   assert [bool(np.isnan(b).any()) for b in want] == [True, True, True, False]   # out, ∂q, ∂k, ∂v
   for a, b in zip(got, want):
     np.testing.assert_array_equal(a, b)
+
+
+def test_sampler_programs_pick_the_library_or_eigen_by_tokens_per_device():
+  """The forward-only sampler programs compile with YNNPACK's individual products below
+  `CPU_EIGEN_TOKENS` tokens per device and forward, with no library (every product in XLA's Eigen
+  runtime) from there on (BENCHMARKS.md); the draws are the same either way."""
+  # pylint: disable=import-outside-toplevel
+  from didi_jax import bench
+  from didi_jax import config as config_lib
+  from didi_jax import models
+  from didi_jax.checkpoint import loader
+  from didi_jax.sampling import runner
+  vocab, length = 258, 32
+  cfg = config_lib.model_config('tiny', vocab_size=vocab, length=length)
+  cfg.compute_dtype = 'float32'
+  params = bench._random_teacher_params(cfg)  # pylint: disable=protected-access
+  den = loader.Network('student_ema', cfg, models.split_abstract(cfg)[0], params)
+  scfg = config_lib.base_config().sampler
+  with scfg.unlocked():
+    scfg.steps = 4
+  n_dev = jax.device_count()
+  assert runner.forward_compiler_options(runner.CPU_EIGEN_TOKENS) == runner.CPU_EIGEN_OPTIONS
+  assert runner.forward_compiler_options(runner.CPU_EIGEN_TOKENS - 1) == runner.CPU_FORWARD_OPTIONS
+  # the smallest batch at the threshold (per device, the batch spread over all devices), and half
+  big = -(-runner.CPU_EIGEN_TOKENS * n_dev // length)
+  for batch, library in ((big // 2, True), (big, False)):
+    fn = runner.make_sample_fn(scfg, den, None, batch_size=batch, length=length,
+                               mask_id=vocab - 1)
+    args = (params, None, jax.random.PRNGKey(3), np.full((batch, length), vocab - 1, np.int32))
+    assert ('__ynn_fusion' in fn.lower(*args).compile().as_text()) == library, (batch, library)
+  # The same program (the small batch) under both option sets: the same draws.
+  fn_small = runner.make_sample_fn(scfg, den, None, batch_size=big // 2, length=length,
+                                   mask_id=vocab - 1)
+  args = (params, None, jax.random.PRNGKey(3), np.full((big // 2, length), vocab - 1, np.int32))
+  lowered = fn_small.lower(*args)
+  eigen = lowered.compile(compiler_options=runner.CPU_EIGEN_OPTIONS)
+  assert '__ynn_fusion' not in eigen.as_text()
+  ids_library, ids_eigen = np.asarray(lowered.compile()(*args)[0]), np.asarray(eigen(*args)[0])
+  assert (ids_library != vocab - 1).all()
+  assert (ids_library == ids_eigen).mean() > 0.999

@@ -262,8 +262,9 @@ def row_max(x: Array) -> Array:
 
 # How `cpu_attention` takes the scores' row max: False = `jnp.max`, which XLA's CPU library
 # reductions fuse with the score product and the exponential (its default compile options);
-# True = `row_max`, for programs compiled without those reductions (the sampler's
-# `CPU_FORWARD_OPTIONS`), where a long row max runs as a slow windowed reduction. Read at trace time.
+# True = `row_max`, for programs compiled without those reductions (the sampler's options,
+# `sampling.runner.forward_compiler_options`), where a long row max runs as a slow windowed
+# reduction. Read at trace time.
 _ROW_MAX_BY_HALVING = contextvars.ContextVar('didi_jax_row_max_by_halving', default=False)
 
 

@@ -43,16 +43,27 @@ def sampler_settings(sampler_cfg, network: str, nfe: int) -> dict:
   return out
 
 
-# XLA:CPU compile options for the forward-only sampler programs: matrix products alone in the
-# YNNPACK library calls, elementwise work (LayerNorm, adaLN, broadcasts) left to XLA's own fusions
-# instead of fused into the library calls; measured faster for DiT forwards on a CPU
-# (BENCHMARKS.md), same math (float32 results differ in the last bits).
+# XLA:CPU compile options for the forward-only sampler programs (same math; float32 results may
+# differ in the last bits), chosen by the tokens each device computes per forward (batch x length
+# / devices). Below CPU_EIGEN_TOKENS: matrix products alone in YNNPACK library calls, elementwise
+# work (LayerNorm, adaLN, broadcasts) left to XLA's own fusions instead of fused into the library
+# calls. From CPU_EIGEN_TOKENS on: no library at all, every product in XLA's Eigen runtime, which
+# splits the (batch x heads)-batched attention products over the cores where the library runs
+# each on one thread. Measured on the 2-core CPU (BENCHMARKS.md, 16-step sampler, L=256): B=8
+# 0.89 s library vs 1.00 s Eigen; B=16 2.07 vs 2.07 (the preset's model: 1.41 vs 1.35); B=32
+# 4.38 vs 4.10; B=64 9.05 vs 8.28 s.
 CPU_FORWARD_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+CPU_EIGEN_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+CPU_EIGEN_TOKENS = 4096
 
 
-def forward_compiler_options() -> dict | None:
-  """`CPU_FORWARD_OPTIONS` when this process compiles for its CPU, else None (XLA defaults)."""
-  return dict(CPU_FORWARD_OPTIONS) if jax.default_backend() == 'cpu' else None
+def forward_compiler_options(tokens_per_device: int = 0) -> dict | None:
+  """XLA compile options for a forward-only sampler program on this process's backend: on a CPU,
+  `CPU_EIGEN_OPTIONS` from `CPU_EIGEN_TOKENS` tokens per device and forward on, else
+  `CPU_FORWARD_OPTIONS`; elsewhere None (XLA defaults)."""
+  if jax.default_backend() != 'cpu':
+    return None
+  return dict(CPU_EIGEN_OPTIONS if tokens_per_device >= CPU_EIGEN_TOKENS else CPU_FORWARD_OPTIONS)
 
 
 def make_sample_fn(sampler_cfg, denoiser, disc=None, *, batch_size: int, length: int,
@@ -73,10 +84,10 @@ def make_sample_fn(sampler_cfg, denoiser, disc=None, *, batch_size: int, length:
                               features_fn=lambda x, s: model.features(x, s),
                               project_fn=model.projection,
                               x_init=x_init)
-  options = forward_compiler_options()
+  options = forward_compiler_options(batch_size * length // jax.device_count())
 
   def traced(*args):
-    # Without XLA's library reductions (CPU_FORWARD_OPTIONS) the attention's row max runs fast
+    # Without XLA's library reductions (either CPU option set) the attention's row max runs fast
     # only by halving (models.dit.row_max_by_halving).
     with dit.row_max_by_halving(options is not None):
       return fn(*args)
