@@ -339,16 +339,15 @@ def test_sampler_programs_pick_the_library_or_eigen_by_tokens_per_device():
   assert runner.forward_compiler_options(runner.CPU_EIGEN_TOKENS - 1) == runner.CPU_FORWARD_OPTIONS
   # the smallest batch at the threshold (per device, the batch spread over all devices), and half
   big = -(-runner.CPU_EIGEN_TOKENS * n_dev // length)
+  lowered = {}
   for batch, library in ((big // 2, True), (big, False)):
     fn = runner.make_sample_fn(scfg, den, None, batch_size=batch, length=length,
                                mask_id=vocab - 1)
     args = (params, None, jax.random.PRNGKey(3), np.full((batch, length), vocab - 1, np.int32))
-    assert ('__ynn_fusion' in fn.lower(*args).compile().as_text()) == library, (batch, library)
+    lowered[library] = (fn.lower(*args), args)
+    assert ('__ynn_fusion' in lowered[library][0].compile().as_text()) == library, (batch, library)
   # The same program (the small batch) under both option sets: the same draws.
-  fn_small = runner.make_sample_fn(scfg, den, None, batch_size=big // 2, length=length,
-                                   mask_id=vocab - 1)
-  args = (params, None, jax.random.PRNGKey(3), np.full((big // 2, length), vocab - 1, np.int32))
-  lowered = fn_small.lower(*args)
+  lowered, args = lowered[True]
   eigen = lowered.compile(compiler_options=runner.CPU_EIGEN_OPTIONS)
   assert '__ynn_fusion' not in eigen.as_text()
   ids_library, ids_eigen = np.asarray(lowered.compile()(*args)[0]), np.asarray(eigen(*args)[0])
