@@ -94,10 +94,14 @@ def cpu_only(environ=None) -> bool:
 
 
 def _host_memory() -> None:
-  """CPU runs reuse freed host memory instead of page-faulting it in again every step
-  (`didi_jax.hostmem`; DIDI_JAX_MALLOC=system opts out), the heap it grows into marked for
-  transparent huge pages (DIDI_JAX_MALLOC=nohuge leaves that out)."""
-  if cpu_only() and hostmem.wanted() and hostmem.keep_freed_memory():
+  """CPU runs: the command-line entry points start again under tcmalloc where it is installed
+  (DIDI_JAX_MALLOC=glibc keeps glibc); with glibc, freed host memory is reused instead of
+  page-faulted in again every step (`didi_jax.hostmem`; DIDI_JAX_MALLOC=system opts out of
+  both), the heap it grows into marked for transparent huge pages (=nohuge leaves that out)."""
+  if not cpu_only():
+    return
+  hostmem.reexec_under_tcmalloc()      # returns only where the process stays as it is
+  if hostmem.wanted() and hostmem.keep_freed_memory():
     if hostmem.huge_pages_wanted():
       hostmem.advise_huge_pages()
 

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from didi_jax import config as config_lib
+from didi_jax import hostmem
 from didi_jax.distill import didi as distill
 from didi_jax import models
 from didi_jax import parallel
@@ -504,6 +505,8 @@ def _context(workload: str, args, dev: DeviceInfo) -> dict:
              time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
   if dev.platform == 'cpu' and hasattr(os, 'getloadavg'):
     ctx['loadavg'] = [round(x, 2) for x in os.getloadavg()]   # shared machines: record the load
+  if dev.platform == 'cpu':
+    ctx['allocator'] = hostmem.allocator()       # malloc's cost is part of every CPU number
   try:
     stats = jax.devices()[0].memory_stats() or {}
     if 'peak_bytes_in_use' in stats:
@@ -577,6 +580,8 @@ def format_table(rows: Sequence[dict], dev: DeviceInfo) -> str:
   if rows and rows[0].get('loadavg'):
     notes.append(f'load average at the start: {rows[0]["loadavg"]} on {os.cpu_count()} CPUs '
                  '(a shared machine slows every number)')
+  if rows and rows[0].get('allocator'):
+    notes.append(f'host allocator: {rows[0]["allocator"]} (didi_jax.hostmem)')
   on_h100 = 'h100' in dev.kind.lower()
   for r in rows:
     ref = reference_for(r) if 'error' not in r else None

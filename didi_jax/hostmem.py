@@ -26,13 +26,30 @@ preset's distillation iteration, 22 alternating pairs of processes: median 2.4% 
 slowest run 0.807 -> 0.732 s (BENCHMARKS.md); the training step about the same. Where the
 kernel has THP off (`/sys/kernel/mm/transparent_hugepage/enabled` = never) it does nothing;
 `DIDI_JAX_MALLOC=nohuge` keeps the malloc settings without it.
+
+`reexec_under_tcmalloc()`: glibc's one arena pays for that reuse in fragmentation. XLA's CPU
+library allocates ~10,000 scratch buffers of 64 KB-1 MB per distillation iteration from the worker
+threads; among the ~70,000 free chunks the one arena holds after compiling, every such malloc walks
+glibc's size-sorted bins (`_int_malloc`: 8-9% of the process's CPU samples). More arenas make
+those mallocs cheap but send the 1 GB temporary buffer, too large for a thread's arena, to a fresh
+mmap and munmap every call (glibc maps it whatever M_MMAP_MAX says: 256,000 page faults per
+iteration). gperftools' tcmalloc does both well, and it can only be chosen when the process
+starts. So the command-line entry points (`python -m didi_jax.main` and the other `-m` modules in
+`ENTRY_POINTS`, and the `didi-jax` script), on a CPU-only machine where tcmalloc is installed
+(Debian/Ubuntu: `libtcmalloc-minimal4`), execute themselves again at once, before JAX is imported,
+with it in LD_PRELOAD: the same interpreter, flags, arguments and process id. The demo preset's
+distillation iteration 0.70 -> 0.62 s (BENCHMARKS.md). Nothing else changes (values, programs);
+`DIDI_JAX_MALLOC=glibc` keeps glibc with the settings above, `=system` leaves everything as it is,
+and a library the user preloads (tcmalloc, jemalloc, mimalloc) is kept as it is.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import sys
+from typing import Optional
 
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -46,6 +63,18 @@ HUGE_RESERVE = 7 * 2 ** 28            # 1.75 GiB: below TRIM_THRESHOLD, so free(
 THP_ENABLED = '/sys/kernel/mm/transparent_hugepage/enabled'
 _USER_SETTINGS = ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_',
                   'GLIBC_TUNABLES')
+# tcmalloc: where Debian, Ubuntu, Fedora and source builds put it; the minimal build (no heap
+# profiler) first. Entry points: the modules users run with `python -m`, and the console script.
+TCMALLOC_NAMES = ('libtcmalloc_minimal.so.4', 'libtcmalloc.so.4')
+LIBRARY_DIRS = ('/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64',
+                '/usr/lib', '/usr/local/lib')
+ALLOCATORS = ('tcmalloc', 'jemalloc', 'mimalloc')    # a preloaded one of these is the user's choice
+ENTRY_POINTS = ('didi_jax.main', 'didi_jax.bench', 'didi_jax.generate', 'didi_jax.ablation',
+                'didi_jax.compare', 'didi_jax.samples', 'didi_jax.allocator')
+CONSOLE_SCRIPTS = ('didi-jax',)
+REEXECUTED = 'DIDI_JAX_REEXECUTED'   # set in the process started under tcmalloc: never twice
+# tcmalloc reports every allocation above 1 GiB on stderr; the larger programs' buffers are.
+_TCMALLOC_QUIET = {'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': str(2 ** 62)}
 
 
 def _glibc():
@@ -61,12 +90,101 @@ def _glibc():
   return libc
 
 
-def wanted(environ=None) -> bool:
-  """Whether `keep_freed_memory` should run here: not opted out, no malloc setting of the user."""
+def _choice(environ) -> str:
+  return environ.get(OPT_OUT, '').strip().lower()
+
+
+def preloaded_allocator(environ=None) -> Optional[str]:
+  """The allocator library LD_PRELOAD names (tcmalloc, jemalloc, mimalloc), else None."""
   environ = os.environ if environ is None else environ
-  if environ.get(OPT_OUT, '').strip().lower() == 'system':
+  for entry in environ.get('LD_PRELOAD', '').replace(':', ' ').split():
+    name = os.path.basename(entry)
+    for allocator in ALLOCATORS:
+      if allocator in name:
+        return allocator
+  return None
+
+
+def wanted(environ=None) -> bool:
+  """Whether `keep_freed_memory` should run here: glibc allocates (no allocator preloaded), not
+  opted out, no malloc setting of the user."""
+  environ = os.environ if environ is None else environ
+  if _choice(environ) == 'system' or preloaded_allocator(environ):
     return False
   return not any(k in environ for k in _USER_SETTINGS)
+
+
+def find_tcmalloc(dirs=LIBRARY_DIRS) -> Optional[str]:
+  """The path of an installed tcmalloc (`TCMALLOC_NAMES` in `dirs`), else None."""
+  for name in TCMALLOC_NAMES:
+    for d in dirs:
+      path = os.path.join(d, name)
+      if os.path.isfile(path):
+        return path
+  return None
+
+
+def entry_point(argv, orig_argv) -> Optional[str]:
+  """The entry point this interpreter is starting, else None: the module of `python [flags] -m
+  MODULE` while Python imports its package (argv[0] is then '-m'), or the `didi-jax` script."""
+  if argv and argv[0] == '-m':
+    for i, arg in enumerate(orig_argv[1:], 1):
+      if arg == '-m' and i + 1 < len(orig_argv):
+        module = orig_argv[i + 1]
+      elif arg.startswith('-m') and len(arg) > 2:
+        module = arg[2:]
+      else:
+        continue
+      return module if module in ENTRY_POINTS else None
+    return None
+  if argv and os.path.basename(argv[0]) in CONSOLE_SCRIPTS:
+    return os.path.basename(argv[0])
+  return None
+
+
+def tcmalloc_command(argv, orig_argv, environ, executable: str, dirs=LIBRARY_DIRS):
+  """(executable, argv, environment) that run this entry point again under tcmalloc, or None where
+  it should run as it is: not an entry point, opted out (DIDI_JAX_MALLOC=glibc, nohuge or
+  system), an allocator preloaded already, started that way before, or tcmalloc not installed."""
+  if entry_point(argv, orig_argv) is None or _choice(environ) in ('glibc', 'nohuge', 'system'):
+    return None
+  if environ.get(REEXECUTED) or preloaded_allocator(environ):
+    return None
+  path = find_tcmalloc(dirs)
+  if path is None:
+    return None
+  env = dict(environ)
+  env['LD_PRELOAD'] = ':'.join(p for p in (path, environ.get('LD_PRELOAD', '')) if p)
+  env[REEXECUTED] = path
+  for k, v in _TCMALLOC_QUIET.items():
+    env.setdefault(k, v)
+  return executable, [executable, *orig_argv[1:]], env
+
+
+def reexec_under_tcmalloc(execve=os.execve) -> None:
+  """Runs this entry point again under tcmalloc (module docstring) where `tcmalloc_command` says
+  so; does not return then. Where the exec fails, the process goes on with glibc."""
+  command = tcmalloc_command(sys.argv, getattr(sys, 'orig_argv', ()), os.environ,
+                             sys.executable)
+  if command is None:
+    return
+  try:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    execve(*command)
+  except OSError:
+    return
+
+
+def allocator(environ=None) -> str:
+  """The allocator this process runs with, in words (for reports)."""
+  environ = os.environ if environ is None else environ
+  preloaded = preloaded_allocator(environ)
+  if preloaded:
+    return f'{preloaded} (LD_PRELOAD)'
+  if _choice(environ) == 'system' or _glibc() is None:
+    return 'system malloc'
+  return 'glibc malloc' + (', freed memory kept' if wanted(environ) else '')
 
 
 def keep_freed_memory() -> bool:
@@ -113,3 +231,22 @@ def advise_huge_pages(nbytes: int = HUGE_RESERVE) -> bool:
   ok = end > start and libc.madvise(start, end - start, MADV_HUGEPAGE) == 0
   libc.free(p)
   return ok
+
+
+def mapped_allocator() -> Optional[str]:
+  """The path of the allocator library (ALLOCATORS) mapped into this process, else None (Linux)."""
+  try:
+    with open('/proc/self/maps', encoding='ascii', errors='replace') as f:
+      for line in f:
+        path = line.split()[-1]
+        if path.startswith('/') and any(a in os.path.basename(path) for a in ALLOCATORS):
+          return path
+  except OSError:
+    pass
+  return None
+
+
+def main() -> None:
+  """`python -m didi_jax.allocator`: the allocator this machine's CPU runs get, as one JSON line."""
+  print(json.dumps({'allocator': allocator(), 'mapped': mapped_allocator(), 'pid': os.getpid(),
+                    'argv': sys.argv[1:]}))

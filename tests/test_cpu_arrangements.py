@@ -1,5 +1,6 @@
 """The CPU arrangements of the DiT's math (docs/method.md §3.2 "Order of operations") and the host
 memory policy (didi_jax.hostmem): same values as the literal formulas, pinned by value."""
+import json
 import os
 import re
 import subprocess
@@ -250,6 +251,77 @@ def test_the_heap_is_advised_for_huge_pages_and_gets_them():
     assert measure({'DIDI_JAX_MALLOC': opt})[0] == 0
   assert hostmem.huge_pages_wanted({}) and not hostmem.huge_pages_wanted(
       {'DIDI_JAX_MALLOC': 'nohuge'})
+
+
+def test_entry_points_are_recognised_while_python_imports_their_package():
+  """`python [flags] -m MODULE` while Python imports MODULE's package (sys.argv[0] is then '-m'),
+  and the console script; nothing else (a library import, pytest, a script of the user's)."""
+  ep = hostmem.entry_point
+  assert ep(['-m'], ['python', '-m', 'didi_jax.main', '--config=c.py']) == 'didi_jax.main'
+  assert ep(['-m'], ['python3', '-X', 'importtime', '-m', 'didi_jax.bench', 'x']) == \
+      'didi_jax.bench'
+  assert ep(['-m'], ['python', '-mdidi_jax.generate']) == 'didi_jax.generate'
+  assert ep(['-m'], ['python', '-m', 'pytest', '-q']) is None
+  assert ep(['-m'], ['python', '-m', 'didi_jax.models.dit']) is None
+  assert ep(['/venv/bin/didi-jax', 'run'], ['python', '/venv/bin/didi-jax', 'run']) == 'didi-jax'
+  assert ep(['/src/didi_jax/main.py'], ['python', '-m', 'didi_jax.main']) is None  # lookup done
+  assert ep(['-c'], ['python', '-c', 'import didi_jax']) is None
+  assert ep(['train.py'], ['python', 'train.py']) is None
+
+
+def test_tcmalloc_command_runs_the_same_command_again_with_it_preloaded(tmp_path):
+  """The same interpreter, flags and arguments; tcmalloc put before what LD_PRELOAD held; marked,
+  so the new process never does it again; nothing where opted out, an allocator is preloaded
+  already, the process is no entry point, or no tcmalloc is installed."""
+  lib = tmp_path / 'libtcmalloc_minimal.so.4'
+  lib.write_bytes(b'')
+  dirs = (str(tmp_path / 'absent'), str(tmp_path))
+  argv, orig = ['-m'], ['/usr/bin/python3', '-X', 'dev', '-m', 'didi_jax.main', '--workdir=w']
+  environ = {'LD_PRELOAD': '/opt/libfoo.so', 'PATH': '/bin'}
+  exe, args, env = hostmem.tcmalloc_command(argv, orig, environ, '/venv/bin/python', dirs)
+  assert (exe, args) == ('/venv/bin/python',
+                         ['/venv/bin/python', '-X', 'dev', '-m', 'didi_jax.main', '--workdir=w'])
+  assert env['LD_PRELOAD'] == f'{lib}:/opt/libfoo.so' and env['PATH'] == '/bin'
+  assert env[hostmem.REEXECUTED] == str(lib) and environ == {'LD_PRELOAD': '/opt/libfoo.so',
+                                                              'PATH': '/bin'}
+  assert hostmem.tcmalloc_command(argv, orig, {}, 'py', dirs)[2]['LD_PRELOAD'] == str(lib)
+  assert hostmem.tcmalloc_command(argv, orig, env, exe, dirs) is None          # never twice
+  for choice in ('glibc', 'nohuge', 'system', ' GLIBC '):
+    assert hostmem.tcmalloc_command(argv, orig, {'DIDI_JAX_MALLOC': choice}, exe, dirs) is None
+  for other in ('/usr/lib/x86_64-linux-gnu/libjemalloc.so.2', '/opt/libmimalloc.so'):
+    assert hostmem.tcmalloc_command(argv, orig, {'LD_PRELOAD': other}, exe, dirs) is None
+    assert not hostmem.wanted({'LD_PRELOAD': other})    # nor glibc's settings under it
+  assert hostmem.tcmalloc_command(['-c'], ['python', '-c', 'x'], {}, exe, dirs) is None
+  assert hostmem.tcmalloc_command(argv, orig, {}, exe, (str(tmp_path / 'absent'),)) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='LD_PRELOAD and /proc: Linux')
+def test_an_entry_point_runs_itself_again_under_tcmalloc_where_it_is_installed():
+  """`python -m didi_jax.allocator ARGS` (an entry point) in a fresh CPU-only process: where
+  tcmalloc is installed (CI installs it) the same process (pid) runs again with it mapped and the
+  same arguments; DIDI_JAX_MALLOC=glibc keeps glibc, as does a machine without tcmalloc."""
+  def run(extra):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+    for k in ('LD_PRELOAD', hostmem.REEXECUTED, hostmem.OPT_OUT, *hostmem._USER_SETTINGS):
+      env.pop(k, None)
+    env.update(extra)
+    proc = subprocess.Popen([sys.executable, '-m', 'didi_jax.allocator', 'a b', '-x'], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report['pid'] == proc.pid and report['argv'] == ['a b', '-x']
+    return report
+  tcmalloc = hostmem.find_tcmalloc()
+  if tcmalloc is None and os.environ.get('CI') and os.uname().machine == 'x86_64':
+    pytest.fail('tcmalloc is not installed: .ci/run installs it (apt-get install '
+                'libtcmalloc-minimal4)')
+  report = run({})
+  assert report['mapped'] == (tcmalloc and os.path.realpath(tcmalloc))
+  assert report['allocator'] == ('tcmalloc (LD_PRELOAD)' if tcmalloc else
+                                 'glibc malloc, freed memory kept')
+  glibc = run({'DIDI_JAX_MALLOC': 'glibc'})
+  assert glibc['mapped'] is None and glibc['allocator'] == 'glibc malloc, freed memory kept'
 
 
 def test_split_qkv_values_and_written_out_gradient_are_autodiffs():
