@@ -163,7 +163,10 @@ def tcmalloc_command(argv, orig_argv, environ, executable: str, dirs=LIBRARY_DIR
 
 def reexec_under_tcmalloc(execve=os.execve) -> None:
   """Runs this entry point again under tcmalloc (module docstring) where `tcmalloc_command` says
-  so; does not return then. Where the exec fails, the process goes on with glibc."""
+  so; does not return then. Where the exec fails, the process goes on with glibc. Linux only
+  (LD_PRELOAD is the Linux loader's)."""
+  if not sys.platform.startswith('linux'):
+    return
   command = tcmalloc_command(sys.argv, getattr(sys, 'orig_argv', ()), os.environ,
                              sys.executable)
   if command is None:

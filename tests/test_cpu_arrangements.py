@@ -295,6 +295,29 @@ def test_tcmalloc_command_runs_the_same_command_again_with_it_preloaded(tmp_path
   assert hostmem.tcmalloc_command(argv, orig, {}, exe, (str(tmp_path / 'absent'),)) is None
 
 
+def test_reexec_only_on_linux_and_goes_on_where_the_exec_fails(monkeypatch, tmp_path):
+  """The exec is made with tcmalloc_command's triple on Linux; never elsewhere; an exec that fails
+  (OSError) leaves the process running as it is."""
+  lib = tmp_path / 'libtcmalloc_minimal.so.4'
+  lib.write_bytes(b'')
+  monkeypatch.setattr(hostmem, 'find_tcmalloc', lambda dirs=(str(tmp_path),): str(lib))
+  monkeypatch.setattr(sys, 'argv', ['-m'])
+  monkeypatch.setattr(sys, 'orig_argv', ['python', '-m', 'didi_jax.main', '--x'], raising=False)
+  for k in ('LD_PRELOAD', hostmem.REEXECUTED, hostmem.OPT_OUT):
+    monkeypatch.delenv(k, raising=False)
+  calls = []
+
+  def execve(exe, args, env):
+    calls.append((exe, args, env['LD_PRELOAD']))
+    raise OSError('exec failed')
+  monkeypatch.setattr(sys, 'platform', 'linux')
+  hostmem.reexec_under_tcmalloc(execve)           # returns: the exec failed
+  assert calls == [(sys.executable, [sys.executable, '-m', 'didi_jax.main', '--x'], str(lib))]
+  monkeypatch.setattr(sys, 'platform', 'darwin')
+  hostmem.reexec_under_tcmalloc(execve)
+  assert len(calls) == 1
+
+
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='LD_PRELOAD and /proc: Linux')
 def test_an_entry_point_runs_itself_again_under_tcmalloc_where_it_is_installed():
   """`python -m didi_jax.allocator ARGS` (an entry point) in a fresh CPU-only process: where
