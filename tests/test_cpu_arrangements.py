@@ -176,15 +176,20 @@ def test_host_memory_policy_respects_the_user():
   assert not hostmem.wanted({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'})
 
 
+def _cpu_only_env(extra: dict) -> dict:
+  """A fresh CPU-only Python's environment with this checkout importable: the allocator settings
+  of this one (malloc's, DIDI_JAX_MALLOC, a preloaded library and its mark) removed, `extra` added."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  for k in (*hostmem._USER_SETTINGS, hostmem.OPT_OUT, 'LD_PRELOAD', hostmem.REEXECUTED):
+    env.pop(k, None)
+  env.update(extra)
+  return env
+
+
 def _cpu_only_run(script: str, extra: dict) -> str:
-  """stdout of `script` in a fresh CPU-only Python with this checkout importable; the malloc
-  settings of the environment removed except those in `extra`."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO, **extra)
-  for k in (*hostmem._USER_SETTINGS, hostmem.OPT_OUT):
-    if k not in extra:
-      env.pop(k, None)
-  return subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
-                        check=True, timeout=120).stdout
+  """stdout of `script` in a fresh CPU-only Python (`_cpu_only_env(extra)`)."""
+  return subprocess.run([sys.executable, '-c', script], env=_cpu_only_env(extra),
+                        capture_output=True, text=True, check=True, timeout=120).stdout
 
 
 _FAULTS = textwrap.dedent('''
@@ -295,12 +300,11 @@ def test_tcmalloc_command_runs_the_same_command_again_with_it_preloaded(tmp_path
   assert hostmem.tcmalloc_command(argv, orig, {}, exe, (str(tmp_path / 'absent'),)) is None
 
 
-def test_reexec_only_on_linux_and_goes_on_where_the_exec_fails(monkeypatch, tmp_path):
+def test_reexec_only_on_linux_and_goes_on_where_the_exec_fails(monkeypatch):
   """The exec is made with tcmalloc_command's triple on Linux; never elsewhere; an exec that fails
   (OSError) leaves the process running as it is."""
-  lib = tmp_path / 'libtcmalloc_minimal.so.4'
-  lib.write_bytes(b'')
-  monkeypatch.setattr(hostmem, 'find_tcmalloc', lambda dirs=(str(tmp_path),): str(lib))
+  lib = '/opt/libtcmalloc_minimal.so.4'
+  monkeypatch.setattr(hostmem, 'find_tcmalloc', lambda dirs=None: lib)
   monkeypatch.setattr(sys, 'argv', ['-m'])
   monkeypatch.setattr(sys, 'orig_argv', ['python', '-m', 'didi_jax.main', '--x'], raising=False)
   for k in ('LD_PRELOAD', hostmem.REEXECUTED, hostmem.OPT_OUT):
@@ -312,7 +316,7 @@ def test_reexec_only_on_linux_and_goes_on_where_the_exec_fails(monkeypatch, tmp_
     raise OSError('exec failed')
   monkeypatch.setattr(sys, 'platform', 'linux')
   hostmem.reexec_under_tcmalloc(execve)           # returns: the exec failed
-  assert calls == [(sys.executable, [sys.executable, '-m', 'didi_jax.main', '--x'], str(lib))]
+  assert calls == [(sys.executable, [sys.executable, '-m', 'didi_jax.main', '--x'], lib)]
   monkeypatch.setattr(sys, 'platform', 'darwin')
   hostmem.reexec_under_tcmalloc(execve)
   assert len(calls) == 1
@@ -324,12 +328,9 @@ def test_an_entry_point_runs_itself_again_under_tcmalloc_where_it_is_installed()
   tcmalloc is installed (CI installs it) the same process (pid) runs again with it mapped and the
   same arguments; DIDI_JAX_MALLOC=glibc keeps glibc, as does a machine without tcmalloc."""
   def run(extra):
-    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
-    for k in ('LD_PRELOAD', hostmem.REEXECUTED, hostmem.OPT_OUT, *hostmem._USER_SETTINGS):
-      env.pop(k, None)
-    env.update(extra)
-    proc = subprocess.Popen([sys.executable, '-m', 'didi_jax.allocator', 'a b', '-x'], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, '-m', 'didi_jax.allocator', 'a b', '-x'],
+                            env=_cpu_only_env(extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     report = json.loads(out.strip().splitlines()[-1])
